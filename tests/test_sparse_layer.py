@@ -1,0 +1,202 @@
+"""The torch backend (and, on a GPU, the cuda backend) against the dense masked reference."""
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sparse_layer
+from conftest import assert_close, dense_reference
+from sparse_layer import FixedFanInLinear, fixed_fanin_linear
+
+GPU = torch.cuda.is_available() and sparse_layer.cupy_available()
+# Tolerance per dtype, relative to the sum of |terms|: fp32 accumulation, one rounding of the output.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@st.composite
+def problems(draw, max_size=48):
+    """A random fixed fan-in problem; rows may hold duplicate indices (the function allows them)."""
+    batch = draw(st.integers(1, max_size))
+    in_features = draw(st.integers(1, max_size))
+    labels = draw(st.integers(1, max_size))
+    fan_in = draw(st.sampled_from([1, in_features, draw(st.integers(1, in_features))]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    if draw(st.booleans()):
+        indices = torch.randint(0, in_features, (labels, fan_in), generator=generator)
+    else:
+        indices = sparse_layer.random_distinct_indices(labels, in_features, fan_in, generator)
+    return {
+        "x": torch.randn(batch, in_features, generator=generator),
+        "weight": torch.randn(labels, fan_in, generator=generator),
+        "indices": indices.int(),
+        "bias": torch.randn(labels, generator=generator) if draw(st.booleans()) else None,
+        "grad_y": torch.randn(batch, labels, generator=generator)
+        * (torch.rand(batch, labels, generator=generator) < 0.7),  # zeros, as squared hinge gives
+    }
+
+
+def check_against_reference(problem, backend, dtype, device="cpu"):
+    """Run forward + backward through fixed_fanin_linear and compare all four results."""
+    # Round the inputs to `dtype` first, so the reference sees exactly what the backend sees.
+    x, weight = problem["x"].to(dtype), problem["weight"].to(dtype)
+    bias, grad_y = problem["bias"], problem["grad_y"].to(dtype)
+    expected = dense_reference(x, weight, problem["indices"], None if bias is None else bias.to(dtype), grad_y)
+    magnitudes = dense_reference(x.abs(), weight.abs(), problem["indices"], None, grad_y.abs())
+
+    on_device = lambda t: None if t is None else t.to(device).detach().requires_grad_(t.is_floating_point())
+    x_, w_, b_ = on_device(x), on_device(weight), on_device(None if bias is None else bias.to(dtype))
+    y = fixed_fanin_linear(x_, w_, problem["indices"].to(device), b_, backend=backend)
+    y.backward(grad_y.to(device))
+
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dtype and y.shape == expected["y"].shape
+    assert_close(y, expected["y"], tol, magnitudes["y"] + (0 if bias is None else bias.abs().double()))
+    assert_close(x_.grad, expected["grad_x"], tol, magnitudes["grad_x"])
+    assert_close(w_.grad, expected["grad_weight"], tol, magnitudes["grad_weight"])
+    if bias is not None:
+        assert_close(b_.grad, expected["grad_bias"], tol, magnitudes["grad_bias"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_torch_backend_matches_dense_reference(problem):
+    check_against_reference(problem, "torch", torch.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(1, 200))
+def test_torch_backend_is_chunk_invariant(problem, chunk):
+    """Tiny chunk budgets split the labels into many chunks (and chunks of one label)."""
+    with mock.patch.object(sparse_layer, "CHUNK_ELEMENTS", chunk):
+        check_against_reference(problem, "torch", torch.float32)
+
+
+def test_gradcheck_float64_torch_backend():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 9, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, generator=generator, requires_grad=True)
+    indices = torch.randint(0, 9, (7, 4), generator=generator)
+    indices[0, :2] = 3  # a duplicate within a row
+    assert torch.autograd.gradcheck(lambda *a: fixed_fanin_linear(*a, backend="torch"), (x, weight, indices, bias))
+
+
+def test_leading_dimensions_are_kept():
+    layer = FixedFanInLinear(6, 5, 3)
+    x = torch.randn(2, 3, 4, 6)
+    y = layer(x)
+    assert y.shape == (2, 3, 4, 5)
+    torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias)
+
+
+@given(st.integers(1, 64), st.integers(1, 300), st.data())
+@settings(max_examples=60, deadline=None)
+def test_module_rows_hold_distinct_in_range_indices(in_features, out_features, data):
+    fan_in = data.draw(st.integers(1, in_features))
+    layer = FixedFanInLinear(in_features, out_features, fan_in)
+    indices = layer.indices
+    assert indices.dtype == torch.int32 and indices.shape == (out_features, fan_in)
+    assert int(indices.min()) >= 0 and int(indices.max()) < in_features
+    assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all()), "a row repeats an index"
+
+
+def test_module_init_matches_dense_linear_scale():
+    layer = FixedFanInLinear(1000, 2000, 64)
+    bound = 64 ** -0.5
+    assert float(layer.weight.detach().abs().max()) <= bound and float(layer.bias.detach().abs().max()) <= bound
+    # U(-b, b) has standard deviation b / sqrt(3), as nn.Linear(64, L) has
+    assert abs(float(layer.weight.detach().std()) - bound / 3 ** 0.5) < 0.01 * bound
+
+
+def test_index_draw_is_uniform():
+    """Each feature should be picked about equally often (chi-square-like bound)."""
+    counts = torch.bincount(sparse_layer.random_distinct_indices(20000, 10, 3).long().flatten(), minlength=10)
+    assert float((counts - 6000).abs().max()) < 400  # ~5 standard deviations
+
+
+def test_to_dense_matches_forward():
+    layer = FixedFanInLinear(30, 40, 5)
+    x = torch.randn(8, 30)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
+    assert (layer.to_dense() != 0).sum(dim=1).max() <= 5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(in_features=4, out_features=3, fan_in=5), "fan_in"),
+    (dict(in_features=4, out_features=3, fan_in=0), "fan_in"),
+    (dict(in_features=4, out_features=0, fan_in=2), "out_features"),
+    (dict(in_features=4, out_features=3, fan_in=2, backend="gpu"), "backend"),
+])
+def test_module_rejects_bad_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FixedFanInLinear(**kwargs)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=torch.randn(3, 5, dtype=torch.float32)[:, :0]), "no input features"),
+    (dict(x=torch.ones(3, 8, dtype=torch.int64)), "floating-point"),
+    (dict(weight=torch.randn(4)), "weight"),
+    (dict(indices=torch.zeros(4, 3, dtype=torch.int32)), "indices"),
+    (dict(indices=torch.zeros(4, 2, dtype=torch.float32)), "indices"),
+    (dict(indices=torch.full((4, 2), 8, dtype=torch.int32)), r"\[0, 8\)"),
+    (dict(indices=torch.full((4, 2), -1, dtype=torch.int32)), r"\[0, 8\)"),
+    (dict(bias=torch.randn(5)), "bias"),
+    (dict(backend="tpu"), "backend"),
+])
+def test_function_rejects_bad_arguments(change, message):
+    arguments = dict(x=torch.randn(3, 8), weight=torch.randn(4, 2),
+                     indices=torch.zeros(4, 2, dtype=torch.int32), bias=None, backend="torch")
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        fixed_fanin_linear(**arguments)
+
+
+def test_module_rejects_wrong_input_width():
+    with pytest.raises(ValueError, match=r"\[..., 6\]"):
+        FixedFanInLinear(6, 4, 2)(torch.randn(3, 7))
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="CUDA device"):
+        fixed_fanin_linear(torch.randn(2, 3), torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), backend="cuda")
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@settings(max_examples=60, deadline=None)
+@given(problem=problems(max_size=80))
+def test_gpu_backends_match_dense_reference(backend, dtype, problem):
+    check_against_reference(problem, backend, dtype, device="cuda")
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
+def test_cuda_backend_is_chosen_automatically():
+    assert sparse_layer._resolve_backend("auto", torch.randn(2, 3, device="cuda")) is sparse_layer.CudaOps
+    assert sparse_layer._resolve_backend("auto", torch.randn(2, 3, device="cuda").double()) is sparse_layer.TorchOps
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
+def test_cuda_kernels_address_more_than_2_31_outputs():
+    """B * L > 2^31 (as at Amazon-3M): flat offsets past 2^31 must not wrap. About 15 GB."""
+    batch, in_features, fan_in, tail = 1024, 16, 2, 4096
+    labels = 2**31 // batch + tail
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, in_features, device="cuda", generator=generator).bfloat16().requires_grad_()
+    weight = torch.randn(labels, fan_in, device="cuda", generator=generator).bfloat16().requires_grad_()
+    indices = torch.randint(0, in_features, (labels, fan_in), device="cuda", generator=generator, dtype=torch.int32)
+    y = fixed_fanin_linear(x, weight, indices, backend="cuda")
+    grad_y = torch.zeros_like(y)
+    grad_y[:, -tail:] = 1  # only the labels whose outputs lie past offset 2^31 send gradient
+    y.backward(grad_y)
+
+    last = slice(labels - tail, labels)
+    gathered = x.detach().double()[:, indices[last].long()]  # [B, tail, k]
+    expected_y = (gathered * weight.detach()[last].double()).sum(-1)
+    torch.testing.assert_close(y[:, last].double(), expected_y, rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(weight.grad[last].double(), gathered.sum(0), rtol=1.6e-2, atol=0.5)
+    expected_grad_x = torch.zeros(batch, in_features, dtype=torch.float64, device="cuda")
+    expected_grad_x.index_add_(1, indices[last].reshape(-1).long(),
+                               weight.detach()[last].double().reshape(1, -1).expand(batch, -1))
+    torch.testing.assert_close(x.grad.double(), expected_grad_x, rtol=1.6e-2, atol=1.6e-2)
