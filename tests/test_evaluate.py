@@ -1,0 +1,86 @@
+"""P@k, nDCG@k and PSP@k against a plain per-document computation, and batched top-k."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import evaluate
+
+
+@st.composite
+def rankings(draw):
+    num_labels = draw(st.integers(5, 30))
+    num_docs = draw(st.integers(1, 20))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    truth = [sorted(rng.choice(num_labels, rng.integers(0, 6), replace=False).tolist()) for _ in range(num_docs)]
+    predictions = np.stack([rng.permutation(num_labels)[:5] for _ in range(num_docs)])
+    frequencies = rng.integers(0, 50, num_labels)
+    return truth, predictions, frequencies, num_labels
+
+
+def brute_force(truth, predictions, inverse_propensity, k):
+    precision, ndcg, psp_gain, psp_best = [], [], 0.0, 0.0
+    for labels, ranked in zip(truth, predictions):
+        labels = set(labels)
+        top = list(ranked[:k])
+        precision.append(sum(l in labels for l in top) / k)
+        dcg = sum(1 / math.log2(r + 2) for r, l in enumerate(top) if l in labels)
+        ideal = sum(1 / math.log2(r + 2) for r in range(min(k, len(labels))))
+        ndcg.append(dcg / ideal if ideal else 0.0)
+        psp_gain += sum(inverse_propensity[l] for l in top if l in labels)
+        psp_best += sum(sorted((inverse_propensity[l] for l in labels), reverse=True)[:k])
+    return {f"P@{k}": 100 * np.mean(precision), f"nDCG@{k}": 100 * np.mean(ndcg),
+            f"PSP@{k}": 100 * psp_gain / psp_best if psp_best else 0.0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(rankings())
+def test_metrics_match_brute_force(ranking):
+    truth, predictions, frequencies, num_labels = ranking
+    offsets, ids = data.to_csr(truth)
+    inverse = evaluate.inverse_propensities(frequencies, 100)
+    results = evaluate.metrics(predictions, offsets, ids, inverse)
+    for k in evaluate.KS:
+        for name, value in brute_force(truth, predictions, inverse, k).items():
+            assert results[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_propensities_follow_jain_et_al():
+    # N = 1000 documents, A = 0.55, B = 1.5: C = (ln 1000 - 1) * 2.5^0.55
+    c = (math.log(1000) - 1) * 2.5 ** 0.55
+    inverse = evaluate.inverse_propensities(np.array([0, 10, 1000]), 1000)
+    assert inverse == pytest.approx([1 + c * 1.5 ** -0.55, 1 + c * 11.5 ** -0.55, 1 + c * 1001.5 ** -0.55])
+    assert inverse[0] > inverse[1] > inverse[2] > 1  # rare labels weigh more
+
+
+def test_perfect_ranking_scores_100():
+    truth = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    offsets, ids = data.to_csr(truth)
+    results = evaluate.metrics(np.array(truth), offsets, ids, evaluate.inverse_propensities(np.ones(10), 10))
+    assert all(value == pytest.approx(100) for value in results.values())
+
+
+class FixedScores(torch.nn.Module):
+    """A stand-in model whose scores are rows of a given matrix (one per document, in order)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores, self.seen = scores, 0
+
+    def forward(self, batch):
+        rows = self.scores[self.seen:self.seen + batch.size]
+        self.seen += batch.size
+        return rows, None
+
+
+def test_batched_top_k_equals_full_sort():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(23, 40, generator=generator)
+    split = data.Split(np.zeros(24, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32),
+                       np.zeros(24, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    labels, values = evaluate.predict_top_k(FixedScores(scores), data.batches(split, 5), 5, "cpu")
+    assert np.array_equal(labels, scores.argsort(dim=1, descending=True)[:, :5].numpy())
+    assert np.allclose(values, scores.sort(dim=1, descending=True).values[:, :5].numpy())

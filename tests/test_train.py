@@ -1,0 +1,142 @@
+"""End to end on a tiny generated data set: losses, training, checkpoints and exact resume."""
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+
+TINY = dict(num_labels=120, num_topics=6, vocabulary=600, num_train=600, num_test=150)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "synthetic", functools.partial(data.synthetic, **TINY))
+    return train.Config(out=str(tmp_path / "run"), epochs=3, dim=32, fan_in=8, batch_size=32, warmup_steps=5,
+                        rewire_interval=10, aux_weight=0.4, aux_epochs=2, max_leaf=20)
+
+
+def dense_labels(scores, rows, labels):
+    y = torch.zeros_like(scores)
+    y[rows, labels] = 1
+    return y
+
+
+def test_losses_match_their_dense_definitions():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 9, generator=generator) * 2
+    rows, labels = torch.tensor([0, 0, 2, 5]), torch.tensor([1, 4, 8, 0])
+    y = dense_labels(scores, rows, labels)
+    signs = 2 * y - 1
+    torch.testing.assert_close(train.squared_hinge(scores, rows, labels), torch.relu(1 - signs * scores).square().mean())
+    torch.testing.assert_close(train.bce(scores, rows, labels),
+                               torch.nn.functional.binary_cross_entropy_with_logits(scores, y))
+    clusters = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    meta = torch.randn(6, 4, generator=generator)
+    expected_targets = torch.zeros(6, 4)
+    expected_targets[0, 0] = expected_targets[0, 2] = expected_targets[2, 3] = expected_targets[5, 0] = 1
+    torch.testing.assert_close(train.meta_loss(meta, rows, labels, clusters),
+                               torch.nn.functional.binary_cross_entropy_with_logits(meta, expected_targets))
+
+
+def test_aux_weight_decays_by_cosine_then_stops():
+    config = train.Config(aux_weight=0.4, aux_epochs=15)
+    assert train.aux_weight(config, 0) == pytest.approx(0.4)
+    assert train.aux_weight(config, 7.5) == pytest.approx(0.2)
+    assert train.aux_weight(config, 15) == 0.0 and train.aux_weight(config, 40) == 0.0
+
+
+def test_presets_and_command_line_overrides():
+    config = train.parse_config(["--data", "amazon670k", "--fan-in", "64", "--no-sparse"])
+    assert (config.encoder, config.batch_size, config.rewire_interval) == ("bert-base-uncased", 64, 800)
+    assert (config.fan_in, config.sparse, config.out) == (64, False, "runs/amazon670k")
+    assert train.parse_config([]).data == "synthetic"
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_training_lowers_the_loss_and_gives_sane_metrics(tiny, sparse):
+    config = dataclasses.replace(tiny, sparse=sparse, epochs=4)
+    results = train.run(config)
+    log = [json.loads(line) for line in open(f"{config.out}/log.jsonl")]
+    assert len(log) == 4 and log[-1]["main"] < log[0]["main"]
+    assert all(0 <= value <= 100 for value in results.values())
+    assert results["P@1"] > 8  # chance: about 2.5 true labels of 120, P@1 ~ 2
+    assert (log[0]["rewired"] > 0) == sparse
+    assert log[0]["aux_weight"] > 0 and log[-1]["aux_weight"] == 0
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
+    train.run(straight)
+    interrupted = dataclasses.replace(tiny, out=str(tmp_path / "interrupted"))
+    train.run(interrupted, stop_after_epoch=1)
+    train.run(dataclasses.replace(interrupted, resume=True))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["step"] == b["step"]
+    logs = [[json.loads(l) for l in open(tmp_path / run / "log.jsonl")] for run in ("straight", "interrupted")]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+
+
+def test_a_run_never_overwrites_a_previous_checkpoint(tiny):
+    train.run(dataclasses.replace(tiny, epochs=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.run(dataclasses.replace(tiny, epochs=1))
+
+
+def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
+    monkeypatch.setitem(train.LOSSES, "squared_hinge", lambda scores, rows, labels: scores.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        train.run(tiny)
+    assert not (Path(tiny.out) / "checkpoint.pt").exists()
+
+
+def test_evaluate_reloads_a_checkpoint(tiny):
+    import evaluate
+    results = train.run(dataclasses.replace(tiny, epochs=1))
+    network, xmc, batches = evaluate.load_for_evaluation(f"{tiny.out}/checkpoint.pt", 64, "cpu")
+    again = evaluate.evaluate(network, xmc, batches, "cpu")
+    assert again == pytest.approx(results)
+
+
+def test_transformer_encoder_on_raw_text(tmp_path, monkeypatch):
+    """The pretrained-encoder path, offline: a tiny random BERT and tokenizer saved locally stand in
+    for bert-base-uncased; the data set is raw text with label names."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red green blue apple pie sky sea fruit".split()
+    encoder_dir = tmp_path / "tiny-bert"
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(encoder_dir)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32)
+    transformers.BertModel(config).save_pretrained(encoder_dir)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words[5:], 4)) for _ in range(80)]
+    labels = [" ".join(sorted({w.upper() for w in t.split()[:2]})) for t in texts]
+    directory = tmp_path / "data" / "Tiny"
+    directory.mkdir(parents=True)
+    for split, rows in (("train", slice(0, 60)), ("test", slice(60, 80))):
+        (directory / f"{split}_raw_texts.txt").write_text("\n".join(texts[rows]) + "\n")
+        (directory / f"{split}_labels.txt").write_text("\n".join(labels[rows]) + "\n")
+    monkeypatch.setitem(data.DATASETS, "tiny-text", ("Tiny", "raw", 0.55, 1.5))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = train.Config(data="tiny-text", data_dir=str(tmp_path / "data"), encoder=str(encoder_dir), max_length=8,
+                       pooling="mean", out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8,
+                       intermediate=32, aux_weight=0.4, aux_epochs=1, max_leaf=3, warmup_steps=2)
+    results = train.run(run)
+    assert 0 <= results["P@1"] <= 100
+    assert list(directory.glob("clusters_tiny-text_3_*.npy")), "clusters are cached next to the data"
+
+
+@pytest.mark.parametrize("argv, message", [(["--loss", "hinge"], "--loss must be one of"),
+                                           (["--epochs", "0"], "--epochs must be at least 1"),
+                                           (["--precision", "int8"], "--precision")])
+def test_bad_options_are_refused_in_one_line(argv, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_config(argv)

@@ -1,0 +1,360 @@
+"""Train an XMC model with a dynamic sparse classifier (the paper's full recipe, Sections 3-5).
+
+One training step, top to bottom (see `train_step`):
+  1. encode the batch, score all labels with the (sparse) classifier, and the label clusters with
+     the meta-classifier while the auxiliary loss is on;
+  2. loss = (1 - s) * main + s * aux: squared hinge (or BCE) over all labels from the list of
+     positives, plus BCE of the cluster scores; s decays from aux_weight to 0 by a cosine over the
+     first aux_epochs, then the meta head is no longer computed at all;
+  3. backward, optional clipping, AdamW step (two learning rates: encoder / the rest), LR schedule;
+  4. every rewire_interval steps until rewire_end of training: a SET rewire of the classifier.
+Every eval_every epochs: P@k / nDCG@k / PSP@k on the test split, a JSON line in <out>/log.jsonl and
+an atomically written checkpoint (<out>/checkpoint.pt) from which --resume continues exactly.
+
+    python train.py                                   # the embedded synthetic data set, CPU, minutes
+    python train.py --data delicious --data-dir ../shared/data
+    python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import data
+import dst
+import evaluate
+import model
+
+
+@dataclass
+class Config:
+    data: str = "synthetic"  # synthetic, or a data set of data.DATASETS under data_dir
+    data_dir: str = "data"
+    out: str = ""  # run directory; default runs/<data>
+    resume: bool = False  # continue from <out>/checkpoint.pt
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    precision: str = "bf16"  # autocast on a GPU: bf16, fp16 or fp32 (the CPU always runs fp32)
+    # model
+    encoder: str = "bow"  # bow, or a transformers name such as bert-base-uncased
+    dim: int = 256  # width of the bag-of-words encoder
+    pooling: str = "cls"  # transformer pooling: cls or mean
+    max_length: int = 128  # transformer tokens per document
+    dropout: float = 0.1
+    intermediate: int = 0  # width of the dense intermediate layer (0: none)
+    sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
+    fan_in: int = 32
+    backend: str = "auto"  # sparse layer backend: auto, torch, cuda
+    # optimisation
+    loss: str = "squared_hinge"  # or bce
+    epochs: int = 10
+    batch_size: int = 64
+    lr_encoder: float = 1e-3
+    lr_classifier: float = 1e-2
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    clip_grad: float = 0.0  # max gradient norm (0: off)
+    # auxiliary loss
+    aux_weight: float = 0.0  # initial s; 0 switches the meta-classifier off
+    aux_epochs: float = 3.0  # s reaches 0 here
+    max_leaf: int = 100  # labels per cluster
+    # SET rewiring
+    rewire_interval: int = 100
+    rewire_fraction: float = 0.2  # fraction mode; the cap in threshold mode
+    rewire_threshold: float = 0.0  # > 0: threshold mode
+    rewire_end: float = 0.66
+    eval_every: int = 1
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        choices = {"loss": ("squared_hinge", "bce"), "precision": ("bf16", "fp16", "fp32"),
+                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": ("auto", "torch", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+PRESETS = {  # the paper's hyperparameters where it gives them; any value can be overridden
+    "synthetic": dict(epochs=6, dim=256, intermediate=1024, fan_in=32, lr_encoder=2e-3, lr_classifier=1e-2,
+                      warmup_steps=100, rewire_interval=200, aux_weight=0.4, aux_epochs=3),
+    "delicious": dict(epochs=40, dim=1024, dropout=0.5, intermediate=2048, fan_in=128, loss="bce",
+                      lr_encoder=1e-3, lr_classifier=1e-2, batch_size=64, rewire_interval=200, aux_weight=0.0,
+                      aux_epochs=5),  # aux off: measured better here (README)
+    "amazon670k": dict(encoder="bert-base-uncased", max_length=128, batch_size=64, fan_in=128, epochs=50,
+                       lr_encoder=1e-5, lr_classifier=1e-2, warmup_steps=1000, aux_weight=0.4, aux_epochs=15,
+                       rewire_interval=800, rewire_fraction=0.2, rewire_end=0.66, intermediate=0, eval_every=5),
+}
+PRESETS["wiki500k"] = dict(PRESETS["amazon670k"], max_length=256)
+PRESETS["amazon3m"] = dict(PRESETS["amazon670k"], max_length=128, epochs=20)
+PRESETS["wiki10-31k"] = dict(PRESETS["amazon670k"], max_length=256, batch_size=32, epochs=30)
+
+
+def parse_config(argv=None):
+    """Config defaults < the data set's preset < command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=field.type, default=None, help=f"default {field.default!r}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    config = Config(**{**PRESETS.get(given.get("data", Config.data), {}), **given})
+    return dataclasses.replace(config, out=config.out or f"runs/{config.data}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses, from the list of positives: never a dense [B, L] label matrix.
+
+def squared_hinge(scores, rows, labels):
+    """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest: every
+    label counted as a negative, then the positives' terms swapped."""
+    scores = scores.float()
+    positive = scores[rows, labels]
+    as_negatives = torch.relu(1 + scores).square().sum()
+    swap = (torch.relu(1 - positive).square() - torch.relu(1 + positive).square()).sum()
+    return (as_negatives + swap) / scores.numel()
+
+
+def bce(scores, rows, labels):
+    """mean binary cross-entropy: softplus(s) for every label, minus s at the positives."""
+    scores = scores.float()
+    return (F.softplus(scores).sum() - scores[rows, labels].sum()) / scores.numel()
+
+
+LOSSES = {"squared_hinge": squared_hinge, "bce": bce}
+
+
+def aux_weight(config, epoch_progress):
+    """s: cosine from aux_weight to 0 over the first aux_epochs, then 0 (the meta head is dropped)."""
+    if epoch_progress >= config.aux_epochs:
+        return 0.0
+    return config.aux_weight * 0.5 * (1 + math.cos(math.pi * epoch_progress / config.aux_epochs))
+
+
+def meta_loss(meta_scores, rows, labels, clusters):
+    """BCE of the cluster scores against 'the cluster holds a positive label' ([B, C] is small)."""
+    targets = torch.zeros_like(meta_scores, dtype=torch.float32)
+    targets[rows, clusters[labels]] = 1.0
+    return F.binary_cross_entropy_with_logits(meta_scores.float(), targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up.
+
+@dataclass
+class Training:
+    """Everything a training step touches, and what a checkpoint must restore."""
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rewiring: dst.RewireSchedule
+    clusters: torch.Tensor | None  # cluster id per label, for the auxiliary loss
+    scaler: torch.amp.GradScaler  # loss scaling, active only for fp16 on a GPU
+    saved: dict  # how evaluate.py rebuilds data and model from a checkpoint
+    steps_per_epoch: int
+    step: int = 0
+    regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
+    survived: float | None = None
+
+
+def build(config, xmc, device):
+    clusters = None
+    if config.aux_weight > 0:
+        writable = config.data != "synthetic" and os.access(Path(config.data_dir), os.W_OK)
+        cache = Path(config.data_dir) / data.DATASETS[config.data][0] if writable else Path(config.out)
+        clusters = data.label_clusters(xmc, config.max_leaf, cache_dir=cache).to(device)
+    arguments = dict(encoder=config.encoder, num_features=xmc.num_features, num_labels=xmc.num_labels,
+                     num_clusters=0 if clusters is None else int(clusters.max()) + 1, dim=config.dim,
+                     dropout=config.dropout, pooling=config.pooling, intermediate=config.intermediate,
+                     sparse=config.sparse, fan_in=config.fan_in, backend=config.backend)
+    network = model.build(**arguments).to(device)
+    encoder_params = list(network.encoder.parameters())
+    others = [p for name, p in network.named_parameters() if not name.startswith("encoder.")]
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": config.lr_encoder},
+                                   {"params": others, "lr": config.lr_classifier}], weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(xmc.train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+
+    def warmup_then_cosine(step):
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, total - config.warmup_steps)))
+
+    tokenizer = None if config.encoder == "bow" else dict(tokenizer_name=config.encoder, max_length=config.max_length)
+    return Training(
+        network=network, optimizer=optimizer, clusters=clusters, steps_per_epoch=steps_per_epoch,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine),
+        rewiring=dst.RewireSchedule(total, config.rewire_interval, config.rewire_end, config.rewire_fraction,
+                                    config.rewire_threshold or None),
+        scaler=torch.amp.GradScaler(enabled=device.type == "cuda" and config.precision == "fp16"),
+        saved=dict(model_arguments=arguments, data_arguments=dict(name=config.data, data_dir=config.data_dir),
+                   tokenizer=tokenizer))
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves
+    either the previous checkpoint or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def checkpoint_state(t, epoch, config):
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"model": t.network.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(), "epoch": epoch, "step": t.step, "regrown": t.regrown, "rng": rng,
+            "config": dataclasses.asdict(config), **t.saved}
+
+
+def restore(t, state):
+    """The inverse of checkpoint_state; returns the epoch to continue with."""
+    t.network.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    t.step, t.regrown = state["step"], state["regrown"]
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["epoch"] + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+def train_step(config, t, batch, device):
+    """One step (module docstring, 1-4); returns (s, total loss, main loss, aux loss)."""
+    s = aux_weight(config, t.step / t.steps_per_epoch)
+    autocast = device.type == "cuda" and config.precision in ("bf16", "fp16")
+    with torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
+                        enabled=autocast):
+        scores, meta_scores = t.network(batch, with_meta=s > 0)
+    main = LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
+    aux = meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0 else main.new_zeros(())
+    loss = (1 - s) * main + s * aux
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {t.step}; stopping before any checkpoint is overwritten")
+
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    if config.clip_grad > 0:
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(t.network.parameters(), config.clip_grad)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    t.step += 1
+
+    rewired = 0
+    if config.sparse and t.rewiring.due(t.step):
+        stats = dst.rewire(t.network.classifier, t.optimizer, previous_regrown=t.regrown, **t.rewiring.arguments(t.step))
+        t.regrown, t.survived, rewired = stats["regrown"], stats["survived"], stats["rewired"]
+    return s, loss.detach(), main.detach(), aux.detach(), rewired
+
+
+def train_epoch(config, t, epoch, split, tokens, device):
+    """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages."""
+    t.network.train()
+    totals = {"loss": 0.0, "main": 0.0, "aux": 0.0, "rewired": 0.0, "aux_weight": 0.0}
+    batches = data.batches(split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch, tokens=tokens)
+    progress = tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
+                    disable=None, leave=False)
+    for count, batch in enumerate(progress, start=1):
+        s, loss, main, aux, rewired = train_step(config, t, batch.to(device), device)
+        for key, value in (("loss", loss), ("main", main), ("aux", aux), ("rewired", rewired)):
+            totals[key] += float(value)
+        totals["aux_weight"] = s
+        progress.set_postfix(loss=f"{totals['loss'] / count:.4g}", s=f"{s:.2f}", refresh=False)
+    return {k: v / t.steps_per_epoch if k in ("loss", "main", "aux") else v for k, v in totals.items()} | {
+        "rewired": int(totals["rewired"])}
+
+
+def memory_report(network, device):
+    sparse_bytes, dense_bytes = network.classifier_bytes()
+    report = {"classifier_MB": sparse_bytes / 2**20, "dense_classifier_MB": dense_bytes / 2**20}
+    if device.type == "cuda":
+        report["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return report
+
+
+def run(config, stop_after_epoch=None):
+    """Train (or resume) and return the final metrics. stop_after_epoch ends early (tests)."""
+    torch.manual_seed(config.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    out = Path(config.out)
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not config.resume:
+        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    if config.resume and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+
+    started = time.time()
+    xmc = data.load(config.data, config.data_dir)
+    print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, "
+          f"{xmc.num_features:,} features, {xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
+    t = build(config, xmc, device)
+    tokens = {s: t.saved["tokenizer"] and data.tokenize(getattr(xmc, s).texts, **t.saved["tokenizer"])
+              for s in ("train", "test")}
+    first_epoch = 0
+    if config.resume:
+        first_epoch = restore(t, torch.load(checkpoint, map_location="cpu", weights_only=True))
+        print(f"resumed from {checkpoint} after epoch {first_epoch} (step {t.step})")
+    sparse_mb, dense_mb = (b / 2**20 for b in t.network.classifier_bytes())
+    print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
+          f"state {sparse_mb:.1f} MB (a dense classifier: {dense_mb:.1f} MB); device {device}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for epoch in range(first_epoch, config.epochs):
+        epoch_start = time.time()
+        record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device)
+        if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
+            test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens["test"])
+            results = evaluate.evaluate(t.network, xmc, test, device)
+        record |= {"epoch": epoch + 1, "step": t.step, "survived": t.survived,
+                   "lr": [g["lr"] for g in t.optimizer.param_groups], "seconds": time.time() - epoch_start,
+                   **memory_report(t.network, device), **results}
+        print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
+              f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if results else ""))
+        with open(out / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        save_checkpoint(checkpoint, checkpoint_state(t, epoch, config))
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            return results
+    print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, "
+          f"{config.epochs} epochs in {time.time() - started:.0f}s:")
+    print(evaluate.table(results))
+    report = memory_report(t.network, device)
+    print(f"classifier memory (parameters + AdamW state): {report['classifier_MB']:.1f} MB; "
+          f"dense would need {report['dense_classifier_MB']:.1f} MB"
+          + (f"; peak GPU memory {report['peak_gpu_MB']:.0f} MB" if "peak_gpu_MB" in report else ""))
+    return results
+
+
+def main():
+    try:
+        run(parse_config())
+    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as error:  # DataError too
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
