@@ -17,8 +17,11 @@
 // Sizes. B * L exceeds 2^31 at Amazon-3M, so every flat offset is 64-bit (long long). A 1-D grid
 // with a grid-stride loop puts all work on grid.x (grid.y/z stop at 65,535).
 //
-// This is the first, correct-first kernel set; how fast each one is, and why, is measured by
-// bench.py (see README).
+// Two kernel sets. The simple kernels (one thread per output, x gathered from L2) work for any
+// size and are the readable definition. The tiled kernels below them are the fast path: they copy
+// a tile of the activations into shared memory first; sparse_layer.py uses them whenever that tile
+// fits (D up to about 1,500 in fp32, 3,000 in 16 bit on an H100). kernels_notes.md tells how fast
+// each set is and why.
 
 struct half16 { unsigned short bits; };    // IEEE binary16, stored as raw bits
 struct bfloat16 { unsigned short bits; };  // bfloat16: the top 16 bits of a float
@@ -71,10 +74,11 @@ template <> __device__ inline half16 from_float<half16>(float v) {
   return out;
 }
 
-// yT[l, b] = sum_j weight[l, j] * xT[indices[l, j], b]. One thread per output (l, b).
+// yT[l, b] = bias[l] + sum_j weight[l, j] * xT[indices[l, j], b]. One thread per output (l, b).
+// (The bias is added here, before the one rounding to T, rather than by a second pass over yT.)
 template <typename T>
-__global__ void fixed_fanin_forward(const T* xT, const T* weight, const int* indices, T* yT,
-                                    int num_labels, int fan_in, int batch) {
+__global__ void fixed_fanin_forward(const T* xT, const T* weight, const int* indices, const T* bias,
+                                    T* yT, int num_labels, int fan_in, int batch) {
   long long total = (long long)num_labels * batch;
   long long stride = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
@@ -82,7 +86,7 @@ __global__ void fixed_fanin_forward(const T* xT, const T* weight, const int* ind
     long long b = i - label * batch;
     const T* w = weight + label * fan_in;
     const int* idx = indices + label * fan_in;
-    float acc = 0.0f;
+    float acc = to_float(bias[label]);
     for (int j = 0; j < fan_in; ++j) acc += to_float(w[j]) * to_float(xT[(long long)idx[j] * batch + b]);
     yT[i] = from_float<T>(acc);
   }
@@ -124,5 +128,220 @@ __global__ void fixed_fanin_grad_weight(const T* grad_yT, const T* xT, const int
     float acc = 0.0f;
     for (int b = 0; b < batch; ++b) acc += to_float(g[b]) * to_float(x[b]);
     grad_weight[i] = from_float<T>(acc);
+  }
+}
+
+// =============================================================================================
+// Tiled kernels.
+//
+// Why. The simple kernels read x from L2 for every (label, slot, sample): at Amazon-670K
+// (L = 670k, k = 32, B = 128) that is 11 GB of L2 traffic per pass, and on an H100 they ran 18-37x
+// above the DRAM floor (kernels_notes.md). Here a block first copies a tile of TILE_B samples of
+// xT (D x 64 values: 192 KB in fp32 at D = 768) into shared memory, then streams many labels past
+// it, so each (label, slot) costs one shared-memory read instead of an L2 read.
+//
+// Work split. A block walks the batch tiles in turn. For each tile its warps take labels
+// grid-stride (warp w of block c: labels c*W + w, then + gridDim.x*W, ...), one label per warp,
+// the 32 lanes over the tile's 64 samples. The caller launches as many blocks as are resident on
+// the GPU at once, so each block copies each tile once. A warp fetches its label's (index, weight)
+// pairs 32 at a time, one coalesced load one chunk ahead, into a per-warp slot buffer in shared
+// memory, from which every lane reads them as a broadcast: one load per slot per warp, not one
+// per lane.
+//
+// Dynamic shared memory: [W warps x 32 Slots][the tile]; the caller sizes it (CudaOps.tiled_launch).
+
+constexpr int WARP = 32;
+constexpr int TILE_B = 64;  // samples per batch tile: two per lane
+constexpr unsigned FULL_MASK = 0xffffffffu;
+
+struct Slot { int index; float weight; };
+
+// Two consecutive values, read in one load (8 bytes in fp32, 4 in 16 bit): lane t reading
+// samples 2t, 2t+1 of a tile row covers the row in one conflict-free sweep of the banks.
+template <typename T> struct alignas(2 * sizeof(T)) Two { T a, b; };
+
+#ifndef CUDA_SHIM  // tests/cuda_shim.h provides its own
+extern __shared__ unsigned long long dynamic_shared_memory[];
+__device__ inline void* shared_memory() { return dynamic_shared_memory; }
+#endif
+
+// Copy samples [b0, b0 + TILE_B) of xT[D, B] into tile[D, TILE_B]; samples past B become zero.
+template <typename T>
+__device__ inline void stage_tile(T* tile, const T* xT, int in_features, int batch, int b0) {
+  for (int e = threadIdx.x; e < in_features * TILE_B; e += blockDim.x) {
+    int d = e / TILE_B, c = e % TILE_B;
+    tile[e] = b0 + c < batch ? xT[(long long)d * batch + b0 + c] : from_float<T>(0.0f);
+  }
+}
+
+// Slot j0 + lane of a label, as one lane fetches it from global memory (index 0, weight 0 past
+// fan_in or past the last label, so that readers need no bounds check). `weight` may be null
+// when only the indices are needed.
+template <typename T>
+__device__ inline Slot load_slot(const T* weight, const int* indices, long long label, int j0,
+                                 int num_labels, int fan_in, int lane) {
+  Slot s = {0, 0.0f};
+  if (label < num_labels && j0 + lane < fan_in) {
+    s.index = indices[label * fan_in + j0 + lane];
+    if (weight) s.weight = to_float(weight[label * fan_in + j0 + lane]);
+  }
+  return s;
+}
+
+// Put the warp's 32 fetched slots into its buffer, from where every lane reads all of them.
+__device__ inline void publish_slots(Slot* slots, Slot mine, int lane) {
+  __syncwarp();  // every lane has finished reading the previous chunk
+  slots[lane] = mine;
+  __syncwarp();  // the new chunk is visible to the whole warp
+}
+
+// The warp's next chunk of slots after (label, j0): the label's next 32 slots, else the first 32
+// of the warp's next label. Fetched one chunk ahead, so that its DRAM latency hides behind the
+// work on the current chunk: without this, every warp sat idle for a DRAM round trip per label.
+template <typename T>
+__device__ inline Slot prefetch_next(const T* weight, const int* indices, long long label, int j0,
+                                     long long label_stride, int num_labels, int fan_in, int lane) {
+  return j0 + WARP < fan_in ? load_slot(weight, indices, label, j0 + WARP, num_labels, fan_in, lane)
+                            : load_slot(weight, indices, label + label_stride, 0, num_labels, fan_in, lane);
+}
+
+// yT[l, b] = bias[l] + sum_j weight[l, j] * xT[indices[l, j], b], from the tile in shared memory.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+fixed_fanin_forward_tiled(const T* xT, const T* weight, const int* indices, const T* bias, T* yT,
+                          int num_labels, int fan_in, int batch, int in_features) {
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+  Slot* slots = (Slot*)shared_memory() + warp * WARP;
+  T* tile = (T*)((Slot*)shared_memory() + warps * WARP);
+  for (int b0 = 0; b0 < batch; b0 += TILE_B) {
+    __syncthreads();  // nobody reads the previous tile any more
+    stage_tile(tile, xT, in_features, batch, b0);
+    __syncthreads();
+    const int b = b0 + 2 * lane;
+    const long long first = (long long)blockIdx.x * warps + warp, stride = (long long)gridDim.x * warps;
+    Slot next = load_slot(weight, indices, first, 0, num_labels, fan_in, lane);
+    for (long long label = first; label < num_labels; label += stride) {
+      float acc0 = to_float(bias[label]), acc1 = acc0;
+      for (int j0 = 0; j0 < fan_in; j0 += WARP) {
+        publish_slots(slots, next, lane);
+        next = prefetch_next(weight, indices, label, j0, stride, num_labels, fan_in, lane);
+        const int n = fan_in - j0 < WARP ? fan_in - j0 : WARP;
+#pragma unroll 8  // eight independent shared-memory reads in flight, not one at a time
+        for (int j = 0; j < n; ++j) {
+          Two<T> x = *(const Two<T>*)(tile + slots[j].index * TILE_B + 2 * lane);
+          acc0 += slots[j].weight * to_float(x.a);
+          acc1 += slots[j].weight * to_float(x.b);
+        }
+      }
+      if (b < batch) yT[label * batch + b] = from_float<T>(acc0);
+      if (b + 1 < batch) yT[label * batch + b + 1] = from_float<T>(acc1);
+    }
+  }
+}
+
+// grad_xT[d, b] += grad_yT[l, b] * weight[l, j] for every indices[l, j] == d. The scatter goes
+// into a float tile of grad_xT in shared memory (shared atomics, cheap and collision-free within a
+// warp), which is added to global memory once per tile: one global atomic per (d, b) per block
+// instead of one per (l, j, b). Lanes take samples t and t + 32 here (not 2t, 2t + 1), so the
+// 4-byte atomics of a warp hit 32 different banks. Labels whose output gradients are all zero
+// (squared hinge gives many) add nothing and are skipped.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+fixed_fanin_grad_input_tiled(const T* grad_yT, const T* weight, const int* indices, float* grad_xT,
+                             int num_labels, int fan_in, int batch, int in_features) {
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+  Slot* slots = (Slot*)shared_memory() + warp * WARP;
+  float* tile = (float*)((Slot*)shared_memory() + warps * WARP);
+  for (int b0 = 0; b0 < batch; b0 += TILE_B) {
+    __syncthreads();  // the previous tile has been added to grad_xT
+    for (int e = threadIdx.x; e < in_features * TILE_B; e += blockDim.x) tile[e] = 0.0f;
+    __syncthreads();
+    const int b = b0 + lane;
+    const long long first = (long long)blockIdx.x * warps + warp, stride = (long long)gridDim.x * warps;
+    Slot next = load_slot(weight, indices, first, 0, num_labels, fan_in, lane);
+    for (long long label = first; label < num_labels; label += stride) {
+      const T* g = grad_yT + label * batch;
+      const float g0 = b < batch ? to_float(g[b]) : 0.0f;
+      const float g1 = b + WARP < batch ? to_float(g[b + WARP]) : 0.0f;
+      const bool sends = g0 != 0.0f || g1 != 0.0f;
+      for (int j0 = 0; j0 < fan_in; j0 += WARP) {
+        publish_slots(slots, next, lane);
+        next = prefetch_next(weight, indices, label, j0, stride, num_labels, fan_in, lane);
+        const int n = fan_in - j0 < WARP ? fan_in - j0 : WARP;
+#pragma unroll 8
+        for (int j = 0; sends && j < n; ++j) {
+          float* row = tile + slots[j].index * TILE_B;
+          atomicAdd(row + lane, g0 * slots[j].weight);
+          atomicAdd(row + lane + WARP, g1 * slots[j].weight);
+        }
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < in_features * TILE_B; e += blockDim.x) {
+      int d = e / TILE_B, c = e % TILE_B;
+      if (b0 + c < batch && tile[e] != 0.0f) atomicAdd(&grad_xT[(long long)d * batch + b0 + c], tile[e]);
+    }
+  }
+}
+
+// Given part[i] (i < 16) in every lane, return in lane t the sum over all 32 lanes of
+// part[t % 16]. A butterfly: at each step a lane keeps half of its values, swaps the other half
+// with its partner and adds, so 16 sums cost 8 + 4 + 2 + 1 + 1 = 16 shuffles, not 16 x 5 for 16
+// separate reductions. (16 values, not 32: 32 would not fit in registers next to the rest.)
+__device__ inline float warp_sums_transposed(float* part, int lane) {
+#pragma unroll
+  for (int half = 8; half > 0; half >>= 1) {
+    const bool upper = lane & half;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float low = part[i], high = part[i + half];
+      part[i] = (upper ? high : low) + __shfl_xor_sync(FULL_MASK, upper ? low : high, half);
+    }
+  }
+  return part[0] + __shfl_xor_sync(FULL_MASK, part[0], 16);  // the other 16 lanes' share
+}
+
+// grad_weight[l, j] = sum_b grad_yT[l, b] * xT[indices[l, j], b] (float output; the caller casts).
+// Every lane multiplies its two samples for 16 slots at a time, then warp_sums_transposed leaves
+// each slot's sum over the tile in one lane (slot j0 + t in lane t), which adds it to the output: a plain
+// read-modify-write, since the same lane of the same warp owns (l, j) in every tile.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+fixed_fanin_grad_weight_tiled(const T* grad_yT, const T* xT, const int* indices, float* grad_weight,
+                              int num_labels, int fan_in, int batch, int in_features) {
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+  Slot* slots = (Slot*)shared_memory() + warp * WARP;
+  T* tile = (T*)((Slot*)shared_memory() + warps * WARP);
+  for (int b0 = 0; b0 < batch; b0 += TILE_B) {
+    __syncthreads();
+    stage_tile(tile, xT, in_features, batch, b0);
+    __syncthreads();
+    const int b = b0 + 2 * lane;
+    const long long first = (long long)blockIdx.x * warps + warp, stride = (long long)gridDim.x * warps;
+    Slot next = load_slot((const T*)nullptr, indices, first, 0, num_labels, fan_in, lane);
+    for (long long label = first; label < num_labels; label += stride) {
+      const T* g = grad_yT + label * batch;
+      const float g0 = b < batch ? to_float(g[b]) : 0.0f;
+      const float g1 = b + 1 < batch ? to_float(g[b + 1]) : 0.0f;
+      for (int j0 = 0; j0 < fan_in; j0 += WARP) {
+        publish_slots(slots, next, lane);
+        next = prefetch_next((const T*)nullptr, indices, label, j0, stride, num_labels, fan_in, lane);
+        float mine = 0.0f;  // this lane's slot j0 + lane, summed over the tile
+        for (int h = 0; h < WARP; h += 16) {
+          float part[16];
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {  // slots past fan_in read row 0; their sums are dropped
+            Two<T> x = *(const Two<T>*)(tile + slots[h + j].index * TILE_B + 2 * lane);
+            part[j] = g0 * to_float(x.a) + g1 * to_float(x.b);
+          }
+          const float sum = warp_sums_transposed(part, lane);  // slot h + lane % 16
+          if ((lane & 16) == h) mine = sum;
+        }
+        if (j0 + lane < fan_in) {
+          float* out = grad_weight + label * fan_in + j0 + lane;
+          *out = (b0 == 0 ? 0.0f : *out) + mine;
+        }
+      }
+    }
   }
 }

@@ -231,6 +231,8 @@ def restore(t, state):
     t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
     t.step, t.regrown = state["step"], state["regrown"]
+    if t.regrown is not None:  # saved from the GPU, loaded to the CPU (map_location): back beside the weights
+        t.regrown = t.regrown.to(next(t.network.parameters()).device)
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -1,22 +1,32 @@
 // C entry points for the tests: each runs one kernel of ../kernels.cu on the CPU through
-// cuda_shim.h with the grid and block the Python side chose. Loaded with ctypes.
+// cuda_shim.h with the grid, block and shared memory the Python side chose. Loaded with ctypes.
 #include "cuda_shim.h"
 #include "../kernels.cu"
 
-#define EXPORT_KERNELS(T, suffix)                                                              \
-  extern "C" void forward_##suffix(unsigned grid, unsigned block, const T* xT, const T* w,     \
-                                   const int* idx, T* yT, int L, int k, int B) {               \
-    launch(fixed_fanin_forward<T>, grid, block, xT, w, idx, yT, L, k, B);                      \
-  }                                                                                            \
-  extern "C" void grad_input_##suffix(unsigned grid, unsigned block, const T* gT, const T* w,  \
-                                      const int* idx, float* gxT, int L, int k, int B) {       \
-    launch(fixed_fanin_grad_input<T>, grid, block, gT, w, idx, gxT, L, k, B);                  \
-  }                                                                                            \
-  extern "C" void grad_weight_##suffix(unsigned grid, unsigned block, const T* gT,             \
-                                       const T* xT, const int* idx, T* gw, int L, int k,       \
-                                       int B) {                                                \
-    launch(fixed_fanin_grad_weight<T>, grid, block, gT, xT, idx, gw, L, k, B);                 \
+#define EXPORT_KERNEL(kernel, suffix, T, Out, name)                                            \
+  extern "C" void name##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* a,  \
+                                  const T* b, const int* idx, Out* out, int L, int k, int B,   \
+                                  int D) {                                                     \
+    launch(kernel<T>, grid, block, shared, a, b, idx, out, L, k, B, D);                        \
   }
+#define EXPORT_SIMPLE(kernel, suffix, T, Out, name)                                            \
+  extern "C" void name##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* a,  \
+                                  const T* b, const int* idx, Out* out, int L, int k, int B) { \
+    launch(kernel<T>, grid, block, shared, a, b, idx, out, L, k, B);                           \
+  }
+#define EXPORT_FORWARD(kernel, suffix, T, ...)                                                 \
+  extern "C" void kernel##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* xT, \
+                                    const T* w, const int* idx, const T* bias, T* yT, int L,    \
+                                    int k, int B __VA_OPT__(, int D)) {                         \
+    launch(kernel<T>, grid, block, shared, xT, w, idx, bias, yT, L, k, B __VA_OPT__(, D));      \
+  }
+#define EXPORT_KERNELS(T, suffix)                                                               \
+  EXPORT_FORWARD(fixed_fanin_forward, suffix, T)                                                \
+  EXPORT_FORWARD(fixed_fanin_forward_tiled, suffix, T, tiled)                                   \
+  EXPORT_SIMPLE(fixed_fanin_grad_input, suffix, T, float, fixed_fanin_grad_input)               \
+  EXPORT_SIMPLE(fixed_fanin_grad_weight, suffix, T, T, fixed_fanin_grad_weight)                 \
+  EXPORT_KERNEL(fixed_fanin_grad_input_tiled, suffix, T, float, fixed_fanin_grad_input_tiled)   \
+  EXPORT_KERNEL(fixed_fanin_grad_weight_tiled, suffix, T, float, fixed_fanin_grad_weight_tiled)
 
 EXPORT_KERNELS(float, float32)
 EXPORT_KERNELS(half16, float16)

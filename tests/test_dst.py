@@ -41,7 +41,7 @@ def test_fraction_mode_prunes_the_smallest_and_regrows_unused_at_zero(layer, fra
     before_weight, before_indices = layer.weight.detach().clone(), layer.indices.clone()
     weight = layer.weight.detach()
     k, free = layer.fan_in, layer.in_features - layer.fan_in
-    with mock.patch.object(dst, "ROW_CHUNK_ELEMENTS", chunk or dst.ROW_CHUNK_ELEMENTS):
+    with mock.patch.dict(dst.ROW_CHUNK_ELEMENTS, {"cpu": chunk or dst.ROW_CHUNK_ELEMENTS["cpu"]}):
         stats = rewire(layer, fraction=fraction, generator=torch.Generator().manual_seed(seed))
 
     check_row_invariants(layer)

@@ -41,7 +41,7 @@ def build_shim(directory, kernel_source):
         shutil.copy(ROOT / "tests" / name, directory / "tests" / name)
     (directory / "kernels.cu").write_text(kernel_source)
     library = directory / "libkernel_shim.so"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror",
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
                     str(directory / "tests" / "kernel_shim.cpp"), "-o", str(library)], check=True)
     return ctypes.CDLL(str(library))
 
@@ -53,47 +53,75 @@ def shim(tmp_path_factory):
     return build_shim(tmp_path_factory.mktemp("shim"), (ROOT / "kernels.cu").read_text())
 
 
-def shim_ops(library, max_blocks=None):
-    """sparse_layer.CudaOps with its launcher swapped for one that runs the kernel on the CPU."""
+def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2):
+    """sparse_layer.CudaOps with its launcher swapped for one that runs the kernel on the CPU.
 
-    def launch(name, dtype, num_threads, *args):
-        if num_threads == 0:
-            return
-        blocks, threads = sparse_layer.launch_config(num_threads)
-        if max_blocks is not None:  # fewer blocks than work: exercises the grid-stride loops
+    tiled=False: the simple kernels, with at most `max_blocks` blocks (fewer blocks than work
+    exercises the grid-stride loops). tiled=True: the tiled kernels with 2 warps a block on a
+    pretend GPU of `multiprocessors` multiprocessors with room for one block each.
+    """
+
+    def launch(name, dtype, blocks, threads, shared_bytes, *args):
+        if max_blocks is not None:
             blocks = min(blocks, max_blocks)
-        function = getattr(library, name.removeprefix("fixed_fanin_") + "_" + SHIM_DTYPES[dtype])
+        function = getattr(library, f"{name}_{SHIM_DTYPES[dtype]}")
         arguments = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
                      for a in args]
-        function(ctypes.c_uint(blocks), ctypes.c_uint(threads), *arguments)
+        function(ctypes.c_uint(blocks), ctypes.c_uint(threads), ctypes.c_uint(shared_bytes), *arguments)
 
-    return type("ShimOps", (sparse_layer.CudaOps,), {"launch": staticmethod(launch)})
+    room = 1 << 20 if tiled else 0  # shared bytes per block: enough for any test tile, or none
+    return type("ShimOps", (sparse_layer.CudaOps,), {
+        "launch": staticmethod(launch), "tile_threads": 64,
+        "limits": staticmethod(lambda device: (multiprocessors, room, room + 1024))})
+
+
+KERNEL_SETS = {"simple": dict(tiled=False), "simple, 1 block": dict(tiled=False, max_blocks=1),
+               "simple, 2 blocks": dict(tiled=False, max_blocks=2),
+               "tiled": dict(tiled=True), "tiled, 1 block": dict(tiled=True, multiprocessors=1),
+               "tiled, 3 blocks": dict(tiled=True, multiprocessors=3)}
 
 
 @pytest.mark.parametrize("dtype", list(SHIM_DTYPES))
 @settings(max_examples=25, deadline=None)
-@given(problem=problems(max_size=40), max_blocks=st.sampled_from([None, 1, 2]))
-def test_shim_kernels_match_dense_reference(shim, dtype, problem, max_blocks):
-    ops = shim_ops(shim, max_blocks)
+@given(problem=problems(max_size=40), kernels=st.sampled_from(list(KERNEL_SETS)))
+def test_shim_kernels_match_dense_reference(shim, dtype, problem, kernels):
+    ops = shim_ops(shim, **KERNEL_SETS[kernels])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sparse_layer, "_resolve_backend", lambda backend, x: ops)
         check_against_reference(problem, "cuda", dtype)
 
 
-@pytest.mark.parametrize("mutation", [
-    ("for (int j = 0; j < fan_in; ++j) acc +=", "for (int j = 1; j < fan_in; ++j) acc +="),  # forward
-    ("if (g == 0.0f) continue;", "if (g != 0.0f) continue;"),  # grad_input
-    ("for (int b = 0; b < batch; ++b)", "for (int b = 0; b + 1 < batch; ++b)"),  # grad_weight
+@pytest.mark.parametrize("dtype", list(SHIM_DTYPES))
+def test_tiled_shim_kernels_on_several_batch_tiles(shim, dtype):
+    """B = 150: three batch tiles, the last one partial; k = 70: three slot chunks."""
+    generator = torch.Generator().manual_seed(2)
+    problem = {"x": torch.randn(150, 90, generator=generator), "weight": torch.randn(37, 70, generator=generator),
+               "indices": sparse_layer.random_distinct_indices(37, 90, 70, generator),
+               "bias": torch.randn(37, generator=generator), "grad_y": torch.randn(150, 37, generator=generator)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_layer, "_resolve_backend", lambda backend, x: shim_ops(shim, tiled=True))
+        check_against_reference(problem, "cuda", dtype)
+
+
+@pytest.mark.parametrize("tiled, mutation", [
+    (False, ("for (int j = 0; j < fan_in; ++j) acc +=", "for (int j = 1; j < fan_in; ++j) acc +=")),  # forward
+    (False, ("if (g == 0.0f) continue;", "if (g != 0.0f) continue;")),  # grad_input
+    (False, ("for (int b = 0; b < batch; ++b)", "for (int b = 0; b + 1 < batch; ++b)")),  # grad_weight
+    (True, ("acc1 += slots[j].weight", "acc1 += 0 * slots[j].weight")),  # forward, odd samples
+    (True, ("if (b0 + c < batch && tile[e] != 0.0f)", "if (b0 + c + 1 < batch && tile[e] != 0.0f)")),  # grad_input flush
+    (True, ("(upper ? high : low) + __shfl_xor_sync", "(upper ? low : high) + __shfl_xor_sync")),  # grad_weight sums
+    (True, ("*out = (b0 == 0 ? 0.0f : *out) + mine;", "*out = mine;")),  # grad_weight over batch tiles
+    (True, ("atomicAdd(row + lane + WARP, g1", "atomicAdd(row + lane, g1")),  # grad_input lanes
 ])
-def test_a_broken_kernel_is_caught(shim, tmp_path, mutation):
+def test_a_broken_kernel_is_caught(shim, tmp_path, tiled, mutation):
     """The comparison above can fail: a kernels.cu with one deliberate bug must not pass it."""
     source = (ROOT / "kernels.cu").read_text()
     assert mutation[0] in source
-    broken = shim_ops(build_shim(tmp_path, source.replace(mutation[0], mutation[1])))
+    broken = shim_ops(build_shim(tmp_path, source.replace(mutation[0], mutation[1])), tiled=tiled)
     generator = torch.Generator().manual_seed(1)
-    problem = {"x": torch.randn(4, 6, generator=generator), "weight": torch.randn(5, 3, generator=generator),
+    problem = {"x": torch.randn(70, 6, generator=generator), "weight": torch.randn(5, 3, generator=generator),
                "indices": torch.randint(0, 6, (5, 3), generator=generator, dtype=torch.int32),
-               "bias": None, "grad_y": torch.randn(4, 5, generator=generator)}
+               "bias": None, "grad_y": torch.randn(70, 5, generator=generator)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sparse_layer, "_resolve_backend", lambda backend, x: broken)
         with pytest.raises(AssertionError):

@@ -68,7 +68,7 @@ def test_torch_backend_matches_dense_reference(problem):
 @given(problems(), st.integers(1, 200))
 def test_torch_backend_is_chunk_invariant(problem, chunk):
     """Tiny chunk budgets split the labels into many chunks (and chunks of one label)."""
-    with mock.patch.object(sparse_layer, "CHUNK_ELEMENTS", chunk):
+    with mock.patch.dict(sparse_layer.CHUNK_ELEMENTS, {"cpu": chunk}):
         check_against_reference(problem, "torch", torch.float32)
 
 
@@ -163,12 +163,14 @@ def test_cuda_backend_refuses_cpu_tensors():
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
-@pytest.mark.parametrize("backend", ["cuda", "torch"])
+@pytest.mark.parametrize("backend", ["cuda", "cuda-simple", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @settings(max_examples=60, deadline=None)
-@given(problem=problems(max_size=80))
+@given(problem=problems(max_size=150))
 def test_gpu_backends_match_dense_reference(backend, dtype, problem):
-    check_against_reference(problem, backend, dtype, device="cuda")
+    """cuda: the tiled kernels (these tiles always fit); cuda-simple: the simple ones."""
+    with mock.patch.object(sparse_layer.CudaOps, "use_tiles", backend != "cuda-simple"):
+        check_against_reference(problem, backend.removesuffix("-simple"), dtype, device="cuda")
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
@@ -200,3 +202,12 @@ def test_cuda_kernels_address_more_than_2_31_outputs():
     expected_grad_x.index_add_(1, indices[last].reshape(-1).long(),
                                weight.detach()[last].double().reshape(1, -1).expand(batch, -1))
     torch.testing.assert_close(x.grad.double(), expected_grad_x, rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_module_checks_indices_again_after_they_change():
+    """The module skips the range check while its indices are unchanged, and only then."""
+    layer = FixedFanInLinear(6, 4, 2)
+    layer(torch.randn(3, 6))
+    layer.indices[0, 0] = 6  # out of range, written in place as a buggy rewire might
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        layer(torch.randn(3, 6))

@@ -71,6 +71,9 @@ def test_training_lowers_the_loss_and_gives_sane_metrics(tiny, sparse):
 
 
 def test_resume_continues_exactly(tiny, tmp_path):
+    # Bit-identical on the CPU; on a GPU the float atomics of the sparse layer's input gradient
+    # add in a varying order, so two runs differ in the last bits even without a resume.
+    tiny = dataclasses.replace(tiny, device="cpu")
     straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
     train.run(straight)
     interrupted = dataclasses.replace(tiny, out=str(tmp_path / "interrupted"))
