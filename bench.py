@@ -125,7 +125,7 @@ def row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size, bandwidth
     floor = floor_bytes(size[0], fan_in, batch, dtype.itemsize) if sparse else None
     cells = [kind if not sparse else f"sparse/{kind}", str(dtype).removeprefix("torch."), batch,
              fan_in if sparse else "-", f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
-             f"{dense_total / (fwd + bwd):.1f}x", "-" if peak is None else f"{peak / 2**20:.0f}",
+             f"{dense_total / (fwd + bwd):.1f}x" if dense_total else "-", "-" if peak is None else f"{peak / 2**20:.0f}",
              f"{size[1] / 2**20:.0f}",
              f"{floor / fwd / 1e6:.0f}" if sparse else "-",
              f"{fwd / (floor / bandwidth / 1e6):.1f}" if sparse and bandwidth else "-",
@@ -206,7 +206,7 @@ def main():
                     fwd, bwd, peak = measure(layer, inputs, args.repeats)
                     dense_total = fwd + bwd if kind == "dense" else dense_total
                     size = (args.labels, layer_bytes(layer))
-                    print(row(kind, dtype, batch, fan_in, fwd, bwd, dense_total or float("nan"), peak, size,
+                    print(row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size,
                               bandwidth), flush=True)
                     del layer
 

@@ -70,7 +70,7 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, max_fraction=No
     regrown = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
     most = int(counts.max()) if num_labels else 0
     if most > 0:
-        step = max(1, ROW_CHUNK_ELEMENTS[weight.device.type] // layer.in_features)
+        step = max(1, ROW_CHUNK_ELEMENTS.get(weight.device.type, ROW_CHUNK_ELEMENTS["cpu"]) // layer.in_features)
         for start in range(0, num_labels, step):
             rows = slice(start, min(start + step, num_labels))
             _rewire_rows(weight, indices, regrown, rows, counts[rows], most, layer.in_features, generator)

@@ -12,7 +12,8 @@ Two backends compute the same function, on the transposed activations xT[D, B] (
 feature, so that gathering the features of a label reads whole rows):
   * "torch": embedding_bag, index_add_ and gathers in label chunks, on the CPU or any GPU; it
     never builds a dense [L, D] matrix nor a [B, L, k] tensor larger than CHUNK_ELEMENTS;
-  * "cuda": the three kernels of kernels.cu, compiled once per process with cupy (NVRTC).
+  * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
+    set where a tile of xT fits in shared memory, the simple set otherwise.
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
 """
 import functools
@@ -40,7 +41,7 @@ def _accumulation_dtype(dtype):
 
 
 def _label_chunks(num_labels, fan_in, batch, device):
-    step = max(1, CHUNK_ELEMENTS[device.type] // max(1, fan_in * batch))
+    step = max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // max(1, fan_in * batch))
     for start in range(0, num_labels, step):
         yield slice(start, min(start + step, num_labels))
 
@@ -171,7 +172,8 @@ class CudaOps:
             return None
         # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
         resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
-        return min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32))), cls.tile_threads, shared
+        blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
+        return blocks, cls.tile_threads, shared
 
     @classmethod
     def forward(cls, xT, weight, indices, bias):
@@ -313,7 +315,7 @@ def random_distinct_indices(rows, in_features, fan_in, generator=None, device=No
     that no [rows, in_features] matrix is ever built whole.
     """
     out = torch.empty(rows, fan_in, dtype=torch.int32, device=device)
-    step = max(1, CHUNK_ELEMENTS[out.device.type] // max(1, in_features))
+    step = max(1, CHUNK_ELEMENTS.get(out.device.type, CHUNK_ELEMENTS["cpu"]) // max(1, in_features))
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         scores = torch.rand(stop - start, in_features, generator=generator, device=device)
