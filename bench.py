@@ -76,8 +76,7 @@ def make_layer(kind, labels, features, fan_in, dtype, device):
     with device:  # built where it runs: drawing 670k random index rows on the host takes seconds
         if kind == "dense":
             return nn.Linear(features, labels, dtype=dtype)
-        sparse_layer.CudaOps.use_tiles = kind != "cuda-simple"
-        return FixedFanInLinear(features, labels, fan_in, backend=kind.removesuffix("-simple")).to(dtype)
+        return FixedFanInLinear(features, labels, fan_in, backend=kind).to(dtype)
 
 
 def layer_bytes(layer):
@@ -125,7 +124,8 @@ def row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size, bandwidth
     floor = floor_bytes(size[0], fan_in, batch, dtype.itemsize) if sparse else None
     cells = [kind if not sparse else f"sparse/{kind}", str(dtype).removeprefix("torch."), batch,
              fan_in if sparse else "-", f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
-             f"{dense_total / (fwd + bwd):.1f}x" if dense_total else "-", "-" if peak is None else f"{peak / 2**20:.0f}",
+             f"{dense_total / (fwd + bwd):.1f}x" if dense_total else "-",
+             "-" if peak is None else f"{peak / 2**20:.0f}",
              f"{size[1] / 2**20:.0f}",
              f"{floor / fwd / 1e6:.0f}" if sparse else "-",
              f"{fwd / (floor / bandwidth / 1e6):.1f}" if sparse and bandwidth else "-",
@@ -186,7 +186,8 @@ def main():
         if device.type != "cuda":
             raise SystemExit("bench.py --memory measures torch.cuda.max_memory_allocated: it needs a GPU")
         return bench_memory(args, device)
-    kinds = [k for k in args.layers if not k.startswith("cuda") or (device.type == "cuda" and sparse_layer.cupy_available())]
+    gpu_kernels = device.type == "cuda" and sparse_layer.cupy_available()
+    kinds = [k for k in args.layers if gpu_kernels or not k.startswith("cuda")]
     kinds.sort(key=lambda k: k != "dense")  # dense first: it is the baseline of each row
     bandwidth = args.bandwidth if device.type == "cuda" else None  # floors only mean something on a GPU
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

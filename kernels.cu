@@ -287,7 +287,7 @@ fixed_fanin_grad_input_tiled(const T* grad_yT, const T* weight, const int* indic
 // Given part[i] (i < 16) in every lane, return in lane t the sum over all 32 lanes of
 // part[t % 16]. A butterfly: at each step a lane keeps half of its values, swaps the other half
 // with its partner and adds, so 16 sums cost 8 + 4 + 2 + 1 + 1 = 16 shuffles, not 16 x 5 for 16
-// separate reductions. (16 values, not 32: 32 would not fit in registers next to the rest.)
+// separate reductions. (16 values, not 32: with 32, ptxas moved the array to local memory.)
 __device__ inline float warp_sums_transposed(float* part, int lane) {
 #pragma unroll
   for (int half = 8; half > 0; half >>= 1) {
@@ -303,8 +303,8 @@ __device__ inline float warp_sums_transposed(float* part, int lane) {
 
 // grad_weight[l, j] = sum_b grad_yT[l, b] * xT[indices[l, j], b] (float output; the caller casts).
 // Every lane multiplies its two samples for 16 slots at a time, then warp_sums_transposed leaves
-// each slot's sum over the tile in one lane (slot j0 + t in lane t), which adds it to the output: a plain
-// read-modify-write, since the same lane of the same warp owns (l, j) in every tile.
+// each slot's sum over the tile in one lane (slot j0 + t in lane t), which adds it to the output:
+// a plain read-modify-write, since the same lane of the same warp owns (l, j) in every tile.
 template <typename T>
 __global__ void __launch_bounds__(1024)
 fixed_fanin_grad_weight_tiled(const T* grad_yT, const T* xT, const int* indices, float* grad_weight,

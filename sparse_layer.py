@@ -13,7 +13,8 @@ feature, so that gathering the features of a label reads whole rows):
   * "torch": embedding_bag, index_add_ and gathers in label chunks, on the CPU or any GPU; it
     never builds a dense [L, D] matrix nor a [B, L, k] tensor larger than CHUNK_ELEMENTS;
   * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
-    set where a tile of xT fits in shared memory, the simple set otherwise.
+    set where a tile of xT fits in shared memory, the simple set otherwise ("cuda-simple": the
+    simple set always, to compare the two).
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
 """
 import functools
@@ -29,7 +30,7 @@ from torch.nn import functional as F
 # on 2 cores at L = 50k, k = 32, B = 64, 64 MB chunks made both gradients 2-3x slower (they stop
 # fitting in cache). GPU: 256 MB, since there every chunk costs a few kernel launches.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "cuda-simple")  # cuda-simple: never the tiled kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,11 +138,19 @@ def _as_cupy(tensor):
     return cupy.from_dlpack(tensor.detach())
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(name, shared_bytes):
+    """A compiled kernel allowed `shared_bytes` of dynamic shared memory (past 48 KB, CUDA wants
+    an opt-in per kernel: a driver call, made once per kernel and size rather than per launch)."""
+    kernel = _kernels()[name]
+    if shared_bytes > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    return kernel
+
+
 def _launch(name, dtype, blocks, threads, shared_bytes, *args):
     import cupy
-    kernel = _kernels()[f"{name}<{KERNEL_TYPES[dtype]}>"]
-    if shared_bytes > 48 * 1024:  # more than the default needs the kernel's opt-in
-        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    kernel = _kernel(f"{name}<{KERNEL_TYPES[dtype]}>", shared_bytes)
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
     with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device).cuda_stream, device.index):
@@ -155,7 +164,7 @@ class CudaOps:
     simple. `launch` and `limits` are the seams the CPU shim tests replace."""
     launch = staticmethod(_launch)
     tile_threads = 1024
-    use_tiles = True  # False: always the simple kernels (bench.py compares the two sets)
+    use_tiles = True
 
     @staticmethod
     def limits(device):
@@ -223,6 +232,11 @@ class CudaOps:
         return grad_weight
 
 
+class SimpleCudaOps(CudaOps):
+    """Backend "cuda-simple": the simple kernels whatever the size (bench.py compares the sets)."""
+    use_tiles = False
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd and the public function.
 
@@ -257,14 +271,14 @@ def _resolve_backend(backend, x):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "cuda" if x.is_cuda and x.dtype in KERNEL_TYPES and cupy_available() else "torch"
-    if backend == "cuda":
+    if backend.startswith("cuda"):
         if not x.is_cuda:
-            raise ValueError("backend='cuda' needs tensors on a CUDA device; use 'torch' or 'auto'")
+            raise ValueError(f"backend={backend!r} needs tensors on a CUDA device; use 'torch' or 'auto'")
         if not cupy_available():
-            raise ValueError("backend='cuda' needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
+            raise ValueError(f"backend={backend!r} needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
         if x.dtype not in KERNEL_TYPES:
-            raise ValueError(f"backend='cuda' supports {list(KERNEL_TYPES)}, got {x.dtype}")
-        return CudaOps
+            raise ValueError(f"backend={backend!r} supports {list(KERNEL_TYPES)}, got {x.dtype}")
+        return SimpleCudaOps if backend == "cuda-simple" else CudaOps
     return TorchOps
 
 
@@ -299,6 +313,7 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     _check_arguments(x, weight, indices, bias, check_indices)
     ops = _resolve_backend(backend, x)
     x2d = x.reshape(-1, x.shape[-1])
+    # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
     y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices.to(torch.int32).contiguous(),
                           bias.to(x.dtype).contiguous(), ops)

@@ -33,6 +33,7 @@ import data
 import dst
 import evaluate
 import model
+import sparse_layer
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Config:
     intermediate: int = 0  # width of the dense intermediate layer (0: none)
     sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
     fan_in: int = 32
-    backend: str = "auto"  # sparse layer backend: auto, torch, cuda
+    backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple
     # optimisation
     loss: str = "squared_hinge"  # or bce
     epochs: int = 10
@@ -77,7 +78,8 @@ class Config:
 
     def __post_init__(self):
         choices = {"loss": ("squared_hinge", "bce"), "precision": ("bf16", "fp16", "fp32"),
-                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": ("auto", "torch", "cuda")}
+                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"),
+                   "backend": sparse_layer.BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

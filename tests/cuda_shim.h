@@ -76,7 +76,8 @@ void launch(void (*kernel)(Params...), unsigned int grid, unsigned int block, un
     block_shared.assign((shared_bytes + 7) / 8, ~0ull);  // NaN in every float and double
     std::barrier<> barrier(block);
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    for (unsigned int w = 0; w * 32 < block; ++w) warps.push_back(std::make_unique<std::barrier<>>(block - w * 32 < 32 ? block - w * 32 : 32));
+    for (unsigned int first = 0; first < block; first += 32)  // one barrier per warp of 32 threads
+      warps.push_back(std::make_unique<std::barrier<>>(block - first < 32 ? block - first : 32));
     std::vector<std::thread> threads;
     for (unsigned int t = 0; t < block; ++t) {
       threads.emplace_back([&, b, t] {

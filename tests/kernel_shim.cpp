@@ -3,30 +3,27 @@
 #include "cuda_shim.h"
 #include "../kernels.cu"
 
-#define EXPORT_KERNEL(kernel, suffix, T, Out, name)                                            \
-  extern "C" void name##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* a,  \
-                                  const T* b, const int* idx, Out* out, int L, int k, int B,   \
-                                  int D) {                                                     \
-    launch(kernel<T>, grid, block, shared, a, b, idx, out, L, k, B, D);                        \
-  }
-#define EXPORT_SIMPLE(kernel, suffix, T, Out, name)                                            \
-  extern "C" void name##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* a,  \
-                                  const T* b, const int* idx, Out* out, int L, int k, int B) { \
-    launch(kernel<T>, grid, block, shared, a, b, idx, out, L, k, B);                           \
-  }
+// Forward kernels take (xT, weight, indices, bias, yT), gradient kernels (grad_yT, weight or xT,
+// indices, out); the tiled ones also take D.
 #define EXPORT_FORWARD(kernel, suffix, T, ...)                                                 \
   extern "C" void kernel##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* xT, \
                                     const T* w, const int* idx, const T* bias, T* yT, int L,    \
                                     int k, int B __VA_OPT__(, int D)) {                         \
     launch(kernel<T>, grid, block, shared, xT, w, idx, bias, yT, L, k, B __VA_OPT__(, D));      \
   }
+#define EXPORT_GRAD(kernel, suffix, T, Out, ...)                                               \
+  extern "C" void kernel##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* g, \
+                                    const T* a, const int* idx, Out* out, int L, int k, int B   \
+                                    __VA_OPT__(, int D)) {                                      \
+    launch(kernel<T>, grid, block, shared, g, a, idx, out, L, k, B __VA_OPT__(, D));            \
+  }
 #define EXPORT_KERNELS(T, suffix)                                                               \
   EXPORT_FORWARD(fixed_fanin_forward, suffix, T)                                                \
+  EXPORT_GRAD(fixed_fanin_grad_input, suffix, T, float)                                         \
+  EXPORT_GRAD(fixed_fanin_grad_weight, suffix, T, T)                                            \
   EXPORT_FORWARD(fixed_fanin_forward_tiled, suffix, T, tiled)                                   \
-  EXPORT_SIMPLE(fixed_fanin_grad_input, suffix, T, float, fixed_fanin_grad_input)               \
-  EXPORT_SIMPLE(fixed_fanin_grad_weight, suffix, T, T, fixed_fanin_grad_weight)                 \
-  EXPORT_KERNEL(fixed_fanin_grad_input_tiled, suffix, T, float, fixed_fanin_grad_input_tiled)   \
-  EXPORT_KERNEL(fixed_fanin_grad_weight_tiled, suffix, T, float, fixed_fanin_grad_weight_tiled)
+  EXPORT_GRAD(fixed_fanin_grad_input_tiled, suffix, T, float, tiled)                            \
+  EXPORT_GRAD(fixed_fanin_grad_weight_tiled, suffix, T, float, tiled)
 
 EXPORT_KERNELS(float, float32)
 EXPORT_KERNELS(half16, float16)

@@ -157,9 +157,10 @@ def test_module_rejects_wrong_input_width():
         FixedFanInLinear(6, 4, 2)(torch.randn(3, 7))
 
 
-def test_cuda_backend_refuses_cpu_tensors():
+@pytest.mark.parametrize("backend", ["cuda", "cuda-simple"])
+def test_cuda_backend_refuses_cpu_tensors(backend):
     with pytest.raises(ValueError, match="CUDA device"):
-        fixed_fanin_linear(torch.randn(2, 3), torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), backend="cuda")
+        fixed_fanin_linear(torch.randn(2, 3), torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), backend=backend)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
@@ -169,14 +170,14 @@ def test_cuda_backend_refuses_cpu_tensors():
 @given(problem=problems(max_size=150))
 def test_gpu_backends_match_dense_reference(backend, dtype, problem):
     """cuda: the tiled kernels (these tiles always fit); cuda-simple: the simple ones."""
-    with mock.patch.object(sparse_layer.CudaOps, "use_tiles", backend != "cuda-simple"):
-        check_against_reference(problem, backend.removesuffix("-simple"), dtype, device="cuda")
+    check_against_reference(problem, backend, dtype, device="cuda")
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
 def test_cuda_backend_is_chosen_automatically():
     assert sparse_layer._resolve_backend("auto", torch.randn(2, 3, device="cuda")) is sparse_layer.CudaOps
     assert sparse_layer._resolve_backend("auto", torch.randn(2, 3, device="cuda").double()) is sparse_layer.TorchOps
+    assert sparse_layer._resolve_backend("cuda-simple", torch.randn(2, 3, device="cuda")) is sparse_layer.SimpleCudaOps
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
