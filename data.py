@@ -56,6 +56,8 @@ class XMCData:
     label_names: list | None  # names as in the training files, when the data set has them
     propensity_a: float = 0.55  # Jain et al. (2016) propensity constants of this data set
     propensity_b: float = 1.5
+    vocabulary: list | None = None  # the words behind feature ids, when built from raw text
+    idf: np.ndarray | None = None  # and their training-split idf: what new texts need (predict)
 
     def label_frequencies(self):
         return np.bincount(self.train.label_ids, minlength=self.num_labels)
@@ -78,19 +80,19 @@ def to_csr(lists, dtype=np.int64):
     return offsets, np.fromiter((v for x in lists for v in x), dtype=dtype, count=offsets[-1])
 
 
-def tfidf_bags(token_offsets, tokens, vocabulary_size, document_frequency=None):
-    """Bags from token lists (CSR): (offsets, ids, values, document frequency), values
-    log(1 + count) * idf per distinct token, L2-normalised per document. The idf comes from
-    `document_frequency` (the training split's), or from these documents."""
+def tfidf_bags(token_offsets, tokens, vocabulary_size, idf=None):
+    """Bags from token lists (CSR): (offsets, ids, values, idf), values log(1 + count) * idf per
+    distinct token, L2-normalised per document. Pass the training split's `idf` for any other
+    documents; without it, the idf log((1 + N) / (1 + df)) + 1 comes from these N documents."""
     num_docs = len(token_offsets) - 1
     doc = np.repeat(np.arange(num_docs), np.diff(token_offsets))
     keys, counts = np.unique(doc * vocabulary_size + tokens, return_counts=True)  # sorted by doc
     ids = keys % vocabulary_size
     offsets = np.searchsorted(keys // vocabulary_size, np.arange(num_docs + 1))
-    if document_frequency is None:
+    if idf is None:
         document_frequency = np.bincount(ids, minlength=vocabulary_size)
-    idf = np.log((1 + num_docs) / (1 + document_frequency)).astype(np.float32) + 1
-    return offsets, ids, normalise_rows(offsets, np.log1p(counts).astype(np.float32) * idf[ids]), document_frequency
+        idf = np.log((1 + num_docs) / (1 + document_frequency)).astype(np.float32) + 1
+    return offsets, ids, normalise_rows(offsets, np.log1p(counts).astype(np.float32) * idf[ids]), idf
 
 
 def normalise_rows(offsets, values):
@@ -113,35 +115,41 @@ def require_files(directory, names, name):
 def read_bow(path):
     """The repository's bag-of-words file: (feature lists, value lists, label lists, F, L)."""
     features, values, labels = [], [], []
-    with open(path, encoding="utf-8") as f:
+    # Undecodable bytes become U+FFFD, which then fails to parse as a number with file and line.
+    with open(path, encoding="utf-8", errors="replace") as f:
         header = f.readline().split()
         if len(header) != 3 or not all(h.isdigit() for h in header):
             raise DataError(f"{path}:1: expected a header 'N F L' (three counts), got {' '.join(header)!r}")
         n, num_features, num_labels = map(int, header)
         for number, line in enumerate(f, start=2):
-            tokens = line.rstrip("\n").split(" ")
-            label_token = "" if ":" in tokens[0] else tokens.pop(0)
-            try:
-                row_labels = [int(t) for t in label_token.split(",")] if label_token else []
-                pairs = [t.split(":") for t in tokens if t]
-                row_features = [int(p[0]) for p in pairs]
-                row_values = [float(p[1]) for p in pairs]
-                if any(len(p) != 2 for p in pairs):
-                    raise ValueError("a feature is not written as id:value")
-                if not all(math.isfinite(v) for v in row_values):
-                    raise ValueError("a feature value is not a finite number")
-            except (ValueError, IndexError) as error:
-                raise DataError(f"{path}:{number}: malformed line ({error}): {line[:80].strip()!r}") from None
-            bad = [v for v in row_labels if not 0 <= v < num_labels] or [v for v in row_features if not 0 <= v < num_features]
-            if bad:
-                raise DataError(f"{path}:{number}: id {bad[0]} out of range (header: {num_features} features, "
-                                f"{num_labels} labels)")
-            labels.append(sorted(set(row_labels)))
+            row_labels, row_features, row_values = parse_bow_line(line, f"{path}:{number}", num_features, num_labels)
+            labels.append(row_labels)
             features.append(row_features)
             values.append(row_values)
     if len(labels) != n:
         raise DataError(f"{path}: header says {n} documents, the file has {len(labels)}")
     return features, values, labels, num_features, num_labels
+
+
+def parse_bow_line(line, where, num_features, num_labels):
+    """"l1,l2 f:v f:v ..." (no labels: the line starts with a space or a feature): (sorted distinct
+    labels, feature ids, values). Anything else raises a DataError that starts with `where`."""
+    tokens = line.rstrip("\r\n").split(" ")
+    label_token = "" if ":" in tokens[0] else tokens.pop(0)
+    try:
+        labels = [int(t) for t in label_token.split(",")] if label_token else []
+        pairs = [t.split(":") for t in tokens if t]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("a feature is not written as id:value")
+        features, values = [int(p[0]) for p in pairs], [float(p[1]) for p in pairs]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("a feature value is not a finite number")
+    except ValueError as error:
+        raise DataError(f"{where}: malformed line ({error}): {line[:80].strip()!r}") from None
+    bad = [v for v in labels if not 0 <= v < num_labels] or [v for v in features if not 0 <= v < num_features]
+    if bad:
+        raise DataError(f"{where}: id {bad[0]} out of range ({num_features} features, {num_labels} labels)")
+    return sorted(set(labels)), features, values
 
 
 def split_from_bow(features, values, labels):
@@ -165,10 +173,14 @@ WORD = re.compile(r"[a-z0-9]+")
 
 
 def read_lines(path):
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return split_lines(f.read())
+
+
+def split_lines(text):
     """Lines split on "\n" only: a stray "\r" inside a text must not shift texts against their
     labels. "\r\n" endings are accepted, and a missing final newline loses nothing."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     return lines[:-1] if lines[-1] == "" else lines
 
 
@@ -202,7 +214,25 @@ def load_raw_text(directory, name, max_vocabulary=200_000, **propensity):
     test_bags = tfidf_bags(*tokens[1], len(vocabulary), train_bags[3])
     make = lambda bags, split: Split(*bags[:3], *to_csr(splits[split][1]), texts=splits[split][0])
     return XMCData(name, make(train_bags, "train"), make(test_bags, "test"), len(vocabulary), len(label_index),
-                   list(label_index), **propensity)
+                   list(label_index), **propensity, vocabulary=list(vocabulary), idf=train_bags[3])
+
+
+def documents(lines, num_features, vocabulary=None, idf=None, where="<stdin>"):
+    """New documents for predict, as a Split without labels: texts through the training vocabulary
+    and idf when the model was trained on raw text; otherwise "f:v f:v ..." lines as in the
+    bag-of-words files (a leading label field is read and ignored). A document with no known word
+    or feature gets an empty bag."""
+    if vocabulary is not None:
+        index = {word: i for i, word in enumerate(vocabulary)}
+        tokens = to_csr([[index[w] for w in WORD.findall(line.lower()) if w in index] for line in lines])
+        offsets, ids, values, _ = tfidf_bags(*tokens, len(vocabulary), idf)
+    else:
+        rows = [parse_bow_line(line, f"{where}:{number}", num_features, 1 << 62)[1:]
+                for number, line in enumerate(lines, start=1)]
+        offsets, ids = to_csr([features for features, _ in rows])
+        values = normalise_rows(offsets, np.fromiter((v for _, vs in rows for v in vs), np.float32, len(ids)))
+    return Split(offsets, ids, values, np.zeros(len(lines) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                 texts=list(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,10 +413,20 @@ def make_batch(split, rows, tokens=None):
     )
 
 
-def batches(split, batch_size, shuffle=False, seed=0, epoch=0, tokens=None):
+def batches(split, batch_size, shuffle=False, seed=0, epoch=0, tokens=None, rank=0, world=1, even=False):
     """Batches of a split; with shuffle, the order depends only on (seed, epoch), so a resumed run
-    sees the same batches as an uninterrupted one."""
+    sees the same batches as an uninterrupted one.
+
+    Data-parallel training (world processes): this rank takes every world-th document of the order,
+    starting at `rank`, as torch's DistributedSampler does, and batches of `batch_size` of them;
+    the ranks' batches number i together are exactly batch i of world * batch_size documents of a
+    single process. even=True (training) first drops the last len % world documents of the order,
+    so that every rank runs the same number of steps of the same size (DDP's collectives need it).
+    """
     order = np.random.default_rng([seed, epoch]).permutation(len(split)) if shuffle else np.arange(len(split))
+    if even:
+        order = order[:len(order) - len(order) % world]
+    order = order[rank::world]
     for start in range(0, len(order), batch_size):
         yield make_batch(split, order[start:start + batch_size], tokens)
 

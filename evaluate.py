@@ -8,9 +8,14 @@ Wikipedia 0.5/0.4, otherwise 0.55/1.5). PSP@k is normalised by the best value an
 reach (the true labels of highest 1/p first), as the XC repository reports it. A document
 without labels counts as 0 in P@k and nDCG@k.
 
+`--predict FILE` (or `-` for standard input) applies a checkpoint to new documents, one per line,
+and prints for each a line of its top-k labels as `name:score`, best first.
+
     python evaluate.py --checkpoint runs/synthetic/checkpoint.pt
+    python evaluate.py --checkpoint runs/amazon670k/checkpoint.pt --predict new_products.txt --top-k 5
 """
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -76,10 +81,15 @@ def metrics(predictions, label_offsets, label_ids, inverse_propensity, ks=KS):
     return results
 
 
-def evaluate(model, data, batches, device, ks=KS):
-    predictions, _ = predict_top_k(model, batches, max(ks), device)
+def test_metrics(data, predictions, ks=KS):
+    """metrics() of [N_test, >= max(ks)] predicted label ids against the test split."""
     inverse = inverse_propensities(data.label_frequencies(), len(data.train), data.propensity_a, data.propensity_b)
     return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
+
+
+def evaluate(model, data, batches, device, ks=KS):
+    predictions, _ = predict_top_k(model, batches, max(ks), device)
+    return test_metrics(data, predictions, ks)
 
 
 def table(results, ks=KS):
@@ -89,24 +99,78 @@ def table(results, ks=KS):
     return "\n".join(lines)
 
 
-def load_for_evaluation(path, batch_size, device):
-    """The model of a checkpoint written by train.py, its data set and test batches."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    xmc = data.load(**state["data_arguments"])
+def load_checkpoint(path):
+    """A checkpoint written by train.py, on the CPU; a missing or damaged file is a one-line error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as error:  # a damaged or foreign file fails in many ways (zip, pickle, EOF, index errors)
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or "model_arguments" not in state:
+        raise ValueError(f"{path} is not a checkpoint written by train.py")
+    return state
+
+
+def load_model(state, device):
     network = model.build(**state["model_arguments"])
     network.load_state_dict(state["model"])
+    return network.to(device)
+
+
+def load_for_evaluation(path, batch_size, device):
+    """The model of a checkpoint written by train.py, its data set and test batches."""
+    state = load_checkpoint(path)
+    xmc = data.load(**state["data_arguments"])
     tokens = state["tokenizer"] and data.tokenize(xmc.test.texts, **state["tokenizer"])
-    return network.to(device), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
+    return load_model(state, device), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
+
+
+def predict(state, lines, k, batch_size, device, where):
+    """Lines "name:score name:score ..." of the top-k labels of each document in `lines`."""
+    if not lines:
+        return []
+    inputs = state["inputs"]
+    idf = None if inputs["idf"] is None else inputs["idf"].numpy()
+    split = data.documents(lines, state["model_arguments"]["num_features"], inputs["vocabulary"], idf, where)
+    empty = int((np.diff(split.bag_offsets) == 0).sum())
+    if empty and state["tokenizer"] is None:
+        print(f"{where}: {empty} documents have no known word or feature; their labels come from the biases alone",
+              file=sys.stderr)
+    tokens = state["tokenizer"] and data.tokenize(split.texts, **state["tokenizer"])
+    labels, scores = predict_top_k(load_model(state, device), data.batches(split, batch_size, tokens=tokens), k, device)
+    names = inputs["label_names"] or range(state["model_arguments"]["num_labels"])
+    return [" ".join(f"{names[l]}:{s:.4f}" for l, s in zip(row_labels, row_scores))
+            for row_labels, row_scores in zip(labels, scores)]
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on its data set's test split.")
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on its data set's test split, or "
+                                                 "predict the labels of new documents.")
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--predict", metavar="FILE", help="documents, one per line ('-': standard input): raw text, "
+                        "or 'f:v f:v ...' for models trained on bag-of-words data")
+    parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    network, xmc, test_batches = load_for_evaluation(args.checkpoint, args.batch_size, args.device)
-    print(table(evaluate(network, xmc, test_batches, args.device)))
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be at least 1")
+    try:
+        if args.predict:
+            state = load_checkpoint(args.checkpoint)
+            where = "<stdin>" if args.predict == "-" else args.predict
+            if args.predict == "-":
+                lines = data.split_lines(sys.stdin.buffer.read().decode("utf-8", errors="replace"))
+            else:
+                lines = data.read_lines(args.predict)
+            for line in predict(state, lines, args.top_k, args.batch_size, args.device, where):
+                print(line)
+        else:
+            network, xmc, test_batches = load_for_evaluation(args.checkpoint, args.batch_size, args.device)
+            print(table(evaluate(network, xmc, test_batches, args.device)))
+    except (ValueError, FileNotFoundError) as error:  # data.DataError is a ValueError
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,14 @@ One training step, top to bottom (see `train_step`):
 Every eval_every epochs: P@k / nDCG@k / PSP@k on the test split, a JSON line in <out>/log.jsonl and
 an atomically written checkpoint (<out>/checkpoint.pt) from which --resume continues exactly.
 
+Under torchrun, every process trains a replica (DistributedDataParallel) on its share of each
+batch; gradients are averaged, every replica rewires identically (a shared seed), the test split is
+scored in shares and gathered, and only rank 0 prints and writes.
+
     python train.py                                   # the embedded synthetic data set, CPU, minutes
     python train.py --data delicious --data-dir ../shared/data
     python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
+    torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # 4 GPUs, same global batch
 """
 import argparse
 import dataclasses
@@ -25,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -41,7 +47,7 @@ class Config:
     data: str = "synthetic"  # synthetic, or a data set of data.DATASETS under data_dir
     data_dir: str = "data"
     out: str = ""  # run directory; default runs/<data>
-    resume: bool = False  # continue from <out>/checkpoint.pt
+    resume: bool = False  # continue from the newest readable checkpoint in <out>
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     precision: str = "bf16"  # autocast on a GPU: bf16, fp16 or fp32 (the CPU always runs fp32)
@@ -58,7 +64,7 @@ class Config:
     # optimisation
     loss: str = "squared_hinge"  # or bce
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: under torchrun, each of N processes takes 1/N of it
     lr_encoder: float = 1e-3
     lr_classifier: float = 1e-2
     weight_decay: float = 0.01
@@ -167,12 +173,15 @@ class Training:
     scaler: torch.amp.GradScaler  # loss scaling, active only for fp16 on a GPU
     saved: dict  # how evaluate.py rebuilds data and model from a checkpoint
     steps_per_epoch: int
+    replica: torch.nn.Module  # what a step calls: the network, wrapped in DDP under torchrun
+    rank: int = 0  # this process, of `world` (torchrun); rank 0 prints and writes
+    world: int = 1
     step: int = 0
     regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
     survived: float | None = None
 
 
-def build(config, xmc, device):
+def build(config, xmc, device, rank=0, world=1):
     clusters = None
     if config.aux_weight > 0:
         writable = config.data != "synthetic" and os.access(Path(config.data_dir), os.W_OK)
@@ -183,11 +192,21 @@ def build(config, xmc, device):
                      dropout=config.dropout, pooling=config.pooling, intermediate=config.intermediate,
                      sparse=config.sparse, fan_in=config.fan_in, backend=config.backend)
     network = model.build(**arguments).to(device)
+    replica = network
+    if world > 1:
+        # The indices are a buffer: DDP copies rank 0's once, here, and would again before every
+        # forward pass (L * k * 4 bytes a step) unless told not to. They need no copy: every
+        # replica rewires the same weights with the same seed. The meta head goes idle when the
+        # aux loss ends, hence find_unused_parameters (DDP warns once, at step 1, that all were used).
+        replica = torch.nn.parallel.DistributedDataParallel(network, forward_sync_buffers=False,
+                                                            find_unused_parameters=network.meta is not None)
     encoder_params = list(network.encoder.parameters())
     others = [p for name, p in network.named_parameters() if not name.startswith("encoder.")]
     optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": config.lr_encoder},
                                    {"params": others, "lr": config.lr_classifier}], weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(xmc.train) / config.batch_size)
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
+    steps_per_epoch = math.ceil(len(xmc.train) // world / (config.batch_size // world))
     total = steps_per_epoch * config.epochs
 
     def warmup_then_cosine(step):
@@ -196,34 +215,97 @@ def build(config, xmc, device):
         return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, total - config.warmup_steps)))
 
     tokenizer = None if config.encoder == "bow" else dict(tokenizer_name=config.encoder, max_length=config.max_length)
+    inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary,
+                  idf=None if xmc.idf is None else torch.from_numpy(xmc.idf))
     return Training(
-        network=network, optimizer=optimizer, clusters=clusters, steps_per_epoch=steps_per_epoch,
+        network=network, replica=replica, rank=rank, world=world, optimizer=optimizer, clusters=clusters,
+        steps_per_epoch=steps_per_epoch,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine),
         rewiring=dst.RewireSchedule(total, config.rewire_interval, config.rewire_end, config.rewire_fraction,
                                     config.rewire_threshold or None),
         scaler=torch.amp.GradScaler(enabled=device.type == "cuda" and config.precision == "fp16"),
         saved=dict(model_arguments=arguments, data_arguments=dict(name=config.data, data_dir=config.data_dir),
-                   tokenizer=tokenizer))
+                   tokenizer=tokenizer, inputs=inputs))
+
+
+def seed_of(*parts):
+    """A 63-bit seed from integers (seed, epoch, rank, ...), well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(parts).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: <out>/checkpoint.pt, the newest, and <out>/checkpoint.previous.pt, the one before.
+
+def checkpoint_files(out):
+    """Newest first: the order in which --resume tries them."""
+    return [Path(out) / "checkpoint.pt", Path(out) / "checkpoint.previous.pt"]
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash at any moment leaves
-    either the previous checkpoint or the new one, never half of one."""
+    """Write to a temporary file and flush it to disk; then the current checkpoint becomes the
+    previous one, and the temporary file the current one (renames are atomic). A kill at any moment
+    leaves at least one complete checkpoint and never half of one; between the two renames only
+    the previous one exists, and --resume falls back to it."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(temporary, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, checkpoint_files(path.parent)[1])
     os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(directory)
+    os.close(directory)
+
+
+def load_latest_checkpoint(out):
+    """(path, state) of the newest checkpoint in `out` that loads."""
+    for path in checkpoint_files(out):
+        if path.exists():
+            try:
+                return path, evaluate.load_checkpoint(path)
+            except ValueError as error:
+                print(f"warning: {error}; trying the previous checkpoint")
+    raise FileNotFoundError(f"--resume: no readable checkpoint in {out}")
 
 
 def checkpoint_state(t, epoch, config):
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"model": t.network.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-            "scaler": t.scaler.state_dict(), "epoch": epoch, "step": t.step, "regrown": t.regrown, "rng": rng,
+            "scaler": t.scaler.state_dict(), "epoch": epoch, "step": t.step, "regrown": t.regrown,
             "config": dataclasses.asdict(config), **t.saved}
+
+
+def check_compatible(path, state, t, config):
+    """Refuse a checkpoint of another model or data set in one line; note other changed options."""
+    ignored = ("backend",)  # how the layer is computed, not what it is
+    old = {**state["model_arguments"], "data": state["data_arguments"]["name"]}
+    new = {**t.saved["model_arguments"], "data": config.data}
+    different = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k not in ignored and old.get(k) != v]
+    if different:
+        raise ValueError(f"{path} belongs to another model: {'; '.join(different)}. Resume with the options "
+                         f"it was trained with, or start a new run with another --out")
+    changed = [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in state["config"].items()
+               if k not in ("resume", "out") and getattr(config, k, v) != v]
+    if changed:
+        print(f"resuming with changed options: {', '.join(changed)}")
+
+
+def trim_log(path, last_epoch):
+    """Keep the records of epochs up to `last_epoch` (a fallback to an older checkpoint, or a line
+    half-written by a kill, leaves others), rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= last_epoch:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
 
 def restore(t, state):
@@ -235,9 +317,6 @@ def restore(t, state):
     t.step, t.regrown = state["step"], state["regrown"]
     if t.regrown is not None:  # saved from the GPU, loaded to the CPU (map_location): back beside the weights
         t.regrown = t.regrown.to(next(t.network.parameters()).device)
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["epoch"] + 1
 
 
@@ -250,12 +329,17 @@ def train_step(config, t, batch, device):
     autocast = device.type == "cuda" and config.precision in ("bf16", "fp16")
     with torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
                         enabled=autocast):
-        scores, meta_scores = t.network(batch, with_meta=s > 0)
+        scores, meta_scores = t.replica(batch, with_meta=s > 0)
     main = LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
     aux = meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0 else main.new_zeros(())
     loss = (1 - s) * main + s * aux
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {t.step}; stopping before any checkpoint is overwritten")
+    losses = torch.stack([loss.detach(), main.detach(), aux.detach()])
+    if t.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
+        torch.distributed.all_reduce(losses)
+        losses /= t.world
+    if not torch.isfinite(losses[0]):
+        raise FloatingPointError(f"loss is {losses[0].item()} at step {t.step}; stopping before any checkpoint "
+                                 f"is overwritten")
 
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
@@ -269,18 +353,24 @@ def train_step(config, t, batch, device):
 
     rewired = 0
     if config.sparse and t.rewiring.due(t.step):
-        stats = dst.rewire(t.network.classifier, t.optimizer, previous_regrown=t.regrown, **t.rewiring.arguments(t.step))
+        # Seeded by the step alone: every replica draws the same new connections, and a resumed run
+        # the same as an uninterrupted one.
+        generator = torch.Generator(device).manual_seed(seed_of(config.seed, t.step))
+        stats = dst.rewire(t.network.classifier, t.optimizer, previous_regrown=t.regrown, generator=generator,
+                           **t.rewiring.arguments(t.step))
         t.regrown, t.survived, rewired = stats["regrown"], stats["survived"], stats["rewired"]
-    return s, loss.detach(), main.detach(), aux.detach(), rewired
+    return s, *losses, rewired
 
 
 def train_epoch(config, t, epoch, split, tokens, device):
     """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages."""
     t.network.train()
+    torch.manual_seed(seed_of(config.seed, epoch, t.rank))  # dropout: fixed per epoch (exact resume), new per rank
     totals = {"loss": 0.0, "main": 0.0, "aux": 0.0, "rewired": 0.0, "aux_weight": 0.0}
-    batches = data.batches(split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch, tokens=tokens)
+    batches = data.batches(split, config.batch_size // t.world, shuffle=True, seed=config.seed, epoch=epoch,
+                           tokens=tokens, rank=t.rank, world=t.world, even=True)
     progress = tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
-                    disable=None, leave=False)
+                    disable=None if t.rank == 0 else True, leave=False)
     for count, batch in enumerate(progress, start=1):
         s, loss, main, aux, rewired = train_step(config, t, batch.to(device), device)
         for key, value in (("loss", loss), ("main", main), ("aux", aux), ("rewired", rewired)):
@@ -299,48 +389,96 @@ def memory_report(network, device):
     return report
 
 
+def start_processes(config):
+    """(rank, world, device). Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE), join the
+    process group: NCCL between GPUs (one per process), gloo between CPU processes."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # one voice: rank 0's (errors still reach stderr)
+    return rank, world, device
+
+
+def evaluate_test(config, t, xmc, tokens, device):
+    """Metrics on the test split; each rank scores every world-th document, rank 0 puts them together."""
+    test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens, rank=t.rank, world=t.world)
+    predictions, _ = evaluate.predict_top_k(t.network, test, max(evaluate.KS), device)
+    if t.world > 1:
+        shares = [None] * t.world
+        torch.distributed.all_gather_object(shares, predictions)
+        predictions = np.empty((sum(map(len, shares)), shares[0].shape[1]), dtype=shares[0].dtype)
+        for rank, share in enumerate(shares):  # rank r scored documents r, r + world, ...
+            predictions[rank::t.world] = share
+    return evaluate.test_metrics(xmc, predictions)
+
+
 def run(config, stop_after_epoch=None):
     """Train (or resume) and return the final metrics. stop_after_epoch ends early (tests)."""
+    rank, world, device = start_processes(config)
+    try:
+        return train_and_evaluate(config, rank, world, device, stop_after_epoch)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     torch.manual_seed(config.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
     out = Path(config.out)
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and not config.resume:
-        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
-    if config.resume and not checkpoint.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+    existing = [path for path in checkpoint_files(out) if path.exists()]
+    if config.resume and not existing:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if not config.resume and (existing or (out / "log.jsonl").exists()):
+        found = (existing or [out / "log.jsonl"])[0]
+        raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
 
     started = time.time()
     xmc = data.load(config.data, config.data_dir)
     print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, "
           f"{xmc.num_features:,} features, {xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
-    t = build(config, xmc, device)
+    t = build(config, xmc, device, rank, world)
     tokens = {s: t.saved["tokenizer"] and data.tokenize(getattr(xmc, s).texts, **t.saved["tokenizer"])
               for s in ("train", "test")}
     first_epoch = 0
     if config.resume:
-        first_epoch = restore(t, torch.load(checkpoint, map_location="cpu", weights_only=True))
-        print(f"resumed from {checkpoint} after epoch {first_epoch} (step {t.step})")
+        path, state = load_latest_checkpoint(out)
+        check_compatible(path, state, t, config)
+        first_epoch = restore(t, state)
+        print(f"resumed from {path} after epoch {first_epoch} (step {t.step})")
     sparse_mb, dense_mb = (b / 2**20 for b in t.network.classifier_bytes())
     print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
-          f"state {sparse_mb:.1f} MB (a dense classifier: {dense_mb:.1f} MB); device {device}")
+          f"state {sparse_mb:.1f} MB (a dense classifier: {dense_mb:.1f} MB); device {device}"
+          + (f", {world} processes" if world > 1 else ""))
 
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".checkpoint*.tmp*"):  # left by a run killed while writing
+            stale.unlink()
+        if config.resume:
+            trim_log(out / "log.jsonl", first_epoch)
     results = {}
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
         record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device)
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
-            test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens["test"])
-            results = evaluate.evaluate(t.network, xmc, test, device)
+            results = evaluate_test(config, t, xmc, tokens["test"], device)
         record |= {"epoch": epoch + 1, "step": t.step, "survived": t.survived,
                    "lr": [g["lr"] for g in t.optimizer.param_groups], "seconds": time.time() - epoch_start,
                    **memory_report(t.network, device), **results}
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
               f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if results else ""))
-        with open(out / "log.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        save_checkpoint(checkpoint, checkpoint_state(t, epoch, config))
+        if not all(bool(torch.isfinite(p).all()) for p in t.network.parameters()):
+            raise FloatingPointError(f"non-finite weights after step {t.step}; the checkpoint of the epoch before "
+                                     f"is kept")
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            save_checkpoint(out / "checkpoint.pt", checkpoint_state(t, epoch, config))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return results
     print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, "

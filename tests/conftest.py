@@ -7,6 +7,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# A data set small enough to train on in a second or two (data.synthetic's arguments).
+TINY = dict(num_labels=120, num_topics=6, vocabulary=600, num_train=600, num_test=150)
+
 
 def dense_reference(x, weight, indices, bias, grad_y):
     """Forward and gradients of the fixed fan-in layer through its dense [L, D] matrix, in float64.

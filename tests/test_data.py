@@ -39,6 +39,18 @@ def test_bow_reader_names_file_line_and_problem(tmp_path, text, line, problem):
         data.read_bow(path)
 
 
+def test_bow_reader_takes_crlf_and_refuses_undecodable_bytes_and_empty_files(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(BOW.replace("\n", "\r\n").encode())
+    assert data.read_bow(path)[2] == [[0, 2], [], [3]]
+    path.write_bytes(b"1 6 4\n0 1:0.\xff5\n")
+    with pytest.raises(data.DataError, match=f"{path}:2: malformed line"):
+        data.read_bow(path)
+    path.write_bytes(b"")
+    with pytest.raises(data.DataError, match=f"{path}:1: expected a header"):
+        data.read_bow(path)
+
+
 def test_raw_text_reader_maps_label_names_and_drops_unseen_test_labels(tmp_path, capsys):
     directory = write(tmp_path / "Tiny", {
         "train_raw_texts.txt": "red apple pie\ngreen apple\nblue sky\n",
@@ -80,12 +92,21 @@ def test_missing_data_set_says_which_files_and_where_from(tmp_path):
 
 
 def test_bags_are_l2_normalised_tfidf():
-    offsets, ids, values, df = data.tfidf_bags(np.array([0, 3, 5]), np.array([1, 1, 2, 2, 0]), 4)
+    offsets, ids, values, idf = data.tfidf_bags(np.array([0, 3, 5]), np.array([1, 1, 2, 2, 0]), 4)
     assert ids.tolist() == [1, 2, 0, 2] and offsets.tolist() == [0, 2, 4]
-    assert df.tolist() == [1, 1, 2, 0]
+    assert np.allclose(idf, np.log(3 / (1 + np.array([1, 1, 2, 0]))) + 1)  # document frequencies 1, 1, 2, 0
     norms = np.sqrt(np.add.reduceat(values.astype(np.float64) ** 2, offsets[:-1]))
     assert np.allclose(norms, 1)
     assert values[0] > values[1]  # token 1 occurs twice and in fewer documents than token 2
+
+
+def test_other_documents_are_weighted_by_the_training_idf():
+    """Token 0 is in all 5 training documents; one new document's bag must use the training idf
+    (log(6/6) + 1 = 1), not a mix of its own count and the training frequencies (log(2/6) + 1 < 0)."""
+    _, _, _, idf = data.tfidf_bags(np.arange(6), np.zeros(5, dtype=np.int64), 3)
+    offsets, ids, values, _ = data.tfidf_bags(np.array([0, 2]), np.array([0, 1]), 3, idf)
+    expected = np.log1p(1) * np.array([1.0, np.log(6 / 1) + 1])
+    assert ids.tolist() == [0, 1] and np.allclose(values, expected / np.linalg.norm(expected))
 
 
 def test_synthetic_data_is_deterministic_and_power_law():
@@ -138,3 +159,17 @@ def test_batches_carry_each_documents_positives_and_bags():
             assert positives == xmc.train.labels_of(document).tolist()
     other_epoch = next(data.batches(xmc.train, 8, shuffle=True, seed=3, epoch=2))
     assert not torch.equal(other_epoch.positive_labels, seen[0].positive_labels)
+
+
+def test_ranks_share_each_global_batch_as_one_process_would_see_it():
+    xmc = data.synthetic(num_labels=50, num_topics=5, vocabulary=200, num_train=103, num_test=5)
+    single = list(data.batches(xmc.train, 12, shuffle=True, seed=1, epoch=4))
+    shares = [list(data.batches(xmc.train, 4, shuffle=True, seed=1, epoch=4, rank=r, world=3, even=True))
+              for r in range(3)]
+    assert [len(s) for s in shares] == [9, 9, 9] and [b.size for b in shares[2]] == [4] * 8 + [2]
+    documents = lambda batch: sorted(map(tuple, np.split(batch.bag_ids.numpy(), batch.bag_offsets[1:].numpy())))
+    for number, whole in enumerate(single[:-1]):
+        assert documents(whole) == sorted(sum((documents(share[number]) for share in shares), []))
+    order = np.random.default_rng([1, 4]).permutation(103)  # the last batch: 7 documents, of which
+    kept = data.make_batch(xmc.train, order[96:102])  # the first 6 are kept (even: 102 = 3 * 34)
+    assert documents(kept) == sorted(sum((documents(share[-1]) for share in shares), []))

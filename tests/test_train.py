@@ -2,6 +2,10 @@
 import dataclasses
 import functools
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +14,7 @@ import torch
 
 import data
 import train
-
-TINY = dict(num_labels=120, num_topics=6, vocabulary=600, num_train=600, num_test=150)
+from conftest import TINY
 
 
 @pytest.fixture
@@ -89,16 +92,103 @@ def test_resume_continues_exactly(tiny, tmp_path):
 
 
 def test_a_run_never_overwrites_a_previous_checkpoint(tiny):
-    train.run(dataclasses.replace(tiny, epochs=1))
-    with pytest.raises(FileExistsError, match="--resume"):
+    train.run(dataclasses.replace(tiny, epochs=2))
+    with pytest.raises(FileExistsError, match="checkpoint.pt exists: pass --resume"):
+        train.run(dataclasses.replace(tiny, epochs=1))
+    for checkpoint in Path(tiny.out).glob("checkpoint*.pt"):
+        checkpoint.unlink()
+    with pytest.raises(FileExistsError, match="log.jsonl exists: pass --resume"):  # nor a log
         train.run(dataclasses.replace(tiny, epochs=1))
 
 
-def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
-    monkeypatch.setitem(train.LOSSES, "squared_hinge", lambda scores, rows, labels: scores.sum() * float("nan"))
-    with pytest.raises(FloatingPointError, match="at step 0"):
+def test_resume_falls_back_to_the_previous_checkpoint_and_still_continues_exactly(tiny, tmp_path, capsys):
+    tiny = dataclasses.replace(tiny, device="cpu")
+    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
+    train.run(straight)
+    damaged = dataclasses.replace(tiny, out=str(tmp_path / "damaged"))
+    train.run(damaged, stop_after_epoch=2)
+    newest = Path(damaged.out) / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:100_000])  # its tail lost
+    (Path(damaged.out) / ".checkpoint.pt.tmp999").write_bytes(b"half a checkpoint")  # a killed write
+    with open(Path(damaged.out) / "log.jsonl", "a") as log:
+        log.write('{"epoch": 3, "lo')  # a half-written line
+    capsys.readouterr()
+    train.run(dataclasses.replace(damaged, resume=True))
+    output = capsys.readouterr().out
+    assert "checkpoint.pt is not a readable checkpoint" in output and "after epoch 1 " in output
+    assert not list(Path(damaged.out).glob(".*tmp*"))
+    a, b = (torch.load(Path(run.out) / "checkpoint.pt", weights_only=True) for run in (straight, damaged))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    logs = [[json.loads(line) for line in open(Path(run.out) / "log.jsonl")] for run in (straight, damaged)]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3] and [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+import train
+from pathlib import Path
+for count in range(10**6):
+    train.save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", {"model_arguments": {}, "count": count,
+                                                                "payload": torch.full((1 << 20,), count)})
+    print(count, flush=True)
+"""
+
+
+def test_sigkill_while_writing_checkpoints_always_leaves_the_latest_complete_one(tmp_path):
+    generator = np.random.default_rng(0)
+    for attempt in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(Path(train.__file__).parent)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline()  # at least one checkpoint was completed
+        time.sleep(generator.uniform(0, 0.5))
+        writer.send_signal(signal.SIGKILL)
+        completed = [int(line) for line in [*writer.stdout, "0"][:-1] if line.strip()]
+        writer.wait()
+        path, state = train.load_latest_checkpoint(tmp_path)
+        assert torch.equal(state["payload"], torch.full((1 << 20,), state["count"]))  # whole, not half
+        assert state["count"] >= max(completed, default=0)  # and the newest one completed
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny, capsys):
+    train.run(dataclasses.replace(tiny, epochs=1))
+    with pytest.raises(ValueError, match="belongs to another model: fan_in 8 there, 16 here"):
+        train.run(dataclasses.replace(tiny, resume=True, fan_in=16))
+    with pytest.raises(ValueError, match="num_clusters 8 there, 0 here"):
+        train.run(dataclasses.replace(tiny, resume=True, aux_weight=0.0))
+    capsys.readouterr()
+    train.run(dataclasses.replace(tiny, resume=True, epochs=2))
+    assert "resuming with changed options: epochs 1 -> 2" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, monkeypatch):
+    calls = []
+
+    def poisoned(scores, rows, labels):  # finite for the first epoch (19 steps) and 5 steps more
+        calls.append(1)
+        return train.squared_hinge(scores, rows, labels) * (float("nan") if len(calls) > 24 else 1.0)
+
+    monkeypatch.setitem(train.LOSSES, "squared_hinge", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 24"):
         train.run(tiny)
-    assert not (Path(tiny.out) / "checkpoint.pt").exists()
+    state = torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 19 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_non_finite_weights_are_never_saved(tiny, monkeypatch):
+    train_epoch = train.train_epoch
+
+    def poisoned(config, t, epoch, *args):
+        record = train_epoch(config, t, epoch, *args)
+        if epoch == 1:
+            t.network.classifier.bias.data[0] = float("inf")
+        return record
+
+    monkeypatch.setattr(train, "train_epoch", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite weights after step 38"):
+        train.run(tiny)
+    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["step"] == 19
 
 
 def test_evaluate_reloads_a_checkpoint(tiny):

@@ -1,0 +1,48 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process, same global batch."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HELPER = Path(__file__).resolve().parent / "tiny_train.py"
+# Two epochs of 19 steps: the aux loss is on in the first, off in the second (an idle meta head
+# under DDP), and the classifier is rewired at steps 10 and 20. No dropout, so that one process and
+# two draw the same function.
+FLAGS = ["--epochs", "2", "--dim", "32", "--intermediate", "64", "--fan-in", "8", "--batch-size", "32",
+         "--warmup-steps", "5", "--rewire-interval", "10", "--aux-weight", "0.4", "--aux-epochs", "1",
+         "--max-leaf", "20", "--dropout", "0", "--device", "cpu"]
+
+
+def launch(command, out):
+    finished = subprocess.run(command + ["--out", str(out)] + FLAGS, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished.stdout
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER)]
+    output = launch(torchrun, tmp_path / "two")
+    launch([sys.executable, str(HELPER)], tmp_path / "one")
+
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, tensor in ranks[0]["model"].items():  # replicas: the same bits, indices included
+        assert torch.equal(tensor, ranks[1]["model"][name]), name
+    assert ranks[0]["results"] == ranks[1]["results"]  # metrics gathered from both shares of the test split
+
+    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    indices = "classifier.indices"
+    assert ranks[0]["model"][indices].equal(single["model"][indices])  # the same rewiring
+    for name, tensor in single["model"].items():
+        torch.testing.assert_close(ranks[0]["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for metric, value in single["results"].items():
+        assert abs(ranks[0]["results"][metric] - value) < 0.5, metric  # a near-tie may flip one ranking
+
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("two", "one")]
+    assert len(logs[0]) == 2 and [r["rewired"] for r in logs[0]] == [r["rewired"] for r in logs[1]]
+    for two, one in zip(*logs):
+        assert abs(two["loss"] - one["loss"]) < 1e-5 * one["loss"]  # the global batch's loss, not one share's
+    assert output.count("epoch 1:") == 1  # only rank 0 prints
+    assert sorted(p.name for p in (tmp_path / "two").glob("*checkpoint*")) == ["checkpoint.previous.pt",
+                                                                               "checkpoint.pt"]
