@@ -81,15 +81,18 @@ def metrics(predictions, label_offsets, label_ids, inverse_propensity, ks=KS):
     return results
 
 
-def test_metrics(data, predictions, ks=KS):
-    """metrics() of [N_test, >= max(ks)] predicted label ids against the test split."""
+def evaluate(model, data, batches, device, ks=KS, world=1):
+    """Metrics on the test split. Under torchrun (world > 1), each process has scored every
+    world-th document (data.batches with rank and world); the shares are gathered here, in order."""
+    predictions, _ = predict_top_k(model, batches, max(ks), device)
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, predictions)
+        predictions = np.empty((sum(map(len, shares)), shares[0].shape[1]), dtype=shares[0].dtype)
+        for rank, share in enumerate(shares):  # rank r scored documents r, r + world, ...
+            predictions[rank::world] = share
     inverse = inverse_propensities(data.label_frequencies(), len(data.train), data.propensity_a, data.propensity_b)
     return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
-
-
-def evaluate(model, data, batches, device, ks=KS):
-    predictions, _ = predict_top_k(model, batches, max(ks), device)
-    return test_metrics(data, predictions, ks)
 
 
 def table(results, ks=KS):

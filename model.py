@@ -7,11 +7,13 @@ auxiliary meta-classifier.
                  gradient back to the encoder, a wide dense layer in between restores it;
   classifier     FixedFanInLinear (sparse, the paper's) or nn.Linear (the dense baseline);
   meta           a small dense head from the encoder output to the label clusters; its loss
-                 (train.py) feeds the encoder with gradient while the sparse classifier is still
-                 poor, and is switched off partway through training.
+                 feeds the encoder with gradient while the sparse classifier is still poor, and
+                 train.py switches it off partway through training.
+The losses (Section 4) come last: the main loss over all labels, and the meta-classifier's.
 """
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sparse_layer import FixedFanInLinear
 
@@ -98,3 +100,32 @@ class XMCModel(nn.Module):
         rows, width = self.classifier.out_features, self.classifier.in_features
         dense = (rows * width + rows) * 4 * (1 + optimizer_slots)
         return param_bytes * (1 + optimizer_slots) + buffer_bytes, dense
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses, from the list of positives: never a dense [B, L] label matrix.
+
+def squared_hinge(scores, rows, labels):
+    """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest: every
+    label counted as a negative, then the positives' terms swapped."""
+    scores = scores.float()
+    positive = scores[rows, labels]
+    as_negatives = torch.relu(1 + scores).square().sum()
+    swap = (torch.relu(1 - positive).square() - torch.relu(1 + positive).square()).sum()
+    return (as_negatives + swap) / scores.numel()
+
+
+def bce(scores, rows, labels):
+    """mean binary cross-entropy: softplus(s) for every label, minus s at the positives."""
+    scores = scores.float()
+    return (F.softplus(scores).sum() - scores[rows, labels].sum()) / scores.numel()
+
+
+LOSSES = {"squared_hinge": squared_hinge, "bce": bce}
+
+
+def meta_loss(meta_scores, rows, labels, clusters):
+    """BCE of the cluster scores against 'the cluster holds a positive label' ([B, C] is small)."""
+    targets = torch.zeros_like(meta_scores, dtype=torch.float32)
+    targets[rows, clusters[labels]] = 1.0
+    return F.binary_cross_entropy_with_logits(meta_scores.float(), targets)

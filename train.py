@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 import data
@@ -83,7 +82,7 @@ class Config:
     eval_batch_size: int = 256
 
     def __post_init__(self):
-        choices = {"loss": ("squared_hinge", "bce"), "precision": ("bf16", "fp16", "fp32"),
+        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"),
                    "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"),
                    "backend": sparse_layer.BACKENDS}
         for name, allowed in choices.items():
@@ -124,39 +123,13 @@ def parse_config(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses, from the list of positives: never a dense [B, L] label matrix.
-
-def squared_hinge(scores, rows, labels):
-    """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest: every
-    label counted as a negative, then the positives' terms swapped."""
-    scores = scores.float()
-    positive = scores[rows, labels]
-    as_negatives = torch.relu(1 + scores).square().sum()
-    swap = (torch.relu(1 - positive).square() - torch.relu(1 + positive).square()).sum()
-    return (as_negatives + swap) / scores.numel()
-
-
-def bce(scores, rows, labels):
-    """mean binary cross-entropy: softplus(s) for every label, minus s at the positives."""
-    scores = scores.float()
-    return (F.softplus(scores).sum() - scores[rows, labels].sum()) / scores.numel()
-
-
-LOSSES = {"squared_hinge": squared_hinge, "bce": bce}
-
+# The auxiliary loss's weight.
 
 def aux_weight(config, epoch_progress):
     """s: cosine from aux_weight to 0 over the first aux_epochs, then 0 (the meta head is dropped)."""
     if epoch_progress >= config.aux_epochs:
         return 0.0
     return config.aux_weight * 0.5 * (1 + math.cos(math.pi * epoch_progress / config.aux_epochs))
-
-
-def meta_loss(meta_scores, rows, labels, clusters):
-    """BCE of the cluster scores against 'the cluster holds a positive label' ([B, C] is small)."""
-    targets = torch.zeros_like(meta_scores, dtype=torch.float32)
-    targets[rows, clusters[labels]] = 1.0
-    return F.binary_cross_entropy_with_logits(meta_scores.float(), targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,10 +167,9 @@ def build(config, xmc, device, rank=0, world=1):
     network = model.build(**arguments).to(device)
     replica = network
     if world > 1:
-        # The indices are a buffer: DDP copies rank 0's once, here, and would again before every
-        # forward pass (L * k * 4 bytes a step) unless told not to. They need no copy: every
-        # replica rewires the same weights with the same seed. The meta head goes idle when the
-        # aux loss ends, hence find_unused_parameters (DDP warns once, at step 1, that all were used).
+        # DDP copies rank 0's buffers (the indices) once, here, and not before every forward pass
+        # (L * k * 4 bytes a step): every replica rewires the same weights with the same seed. The
+        # meta head goes idle when the aux loss ends (DDP warns once, at step 1, that all were used).
         replica = torch.nn.parallel.DistributedDataParallel(network, forward_sync_buffers=False,
                                                             find_unused_parameters=network.meta is not None)
     encoder_params = list(network.encoder.parameters())
@@ -277,7 +249,7 @@ def checkpoint_state(t, epoch, config):
 
 
 def check_compatible(path, state, t, config):
-    """Refuse a checkpoint of another model or data set in one line; note other changed options."""
+    """Refuse a checkpoint of another model or data set in one line (other options may change)."""
     ignored = ("backend",)  # how the layer is computed, not what it is
     old = {**state["model_arguments"], "data": state["data_arguments"]["name"]}
     new = {**t.saved["model_arguments"], "data": config.data}
@@ -285,26 +257,18 @@ def check_compatible(path, state, t, config):
     if different:
         raise ValueError(f"{path} belongs to another model: {'; '.join(different)}. Resume with the options "
                          f"it was trained with, or start a new run with another --out")
-    changed = [f"{k} {v!r} -> {getattr(config, k)!r}" for k, v in state["config"].items()
-               if k not in ("resume", "out") and getattr(config, k, v) != v]
-    if changed:
-        print(f"resuming with changed options: {', '.join(changed)}")
 
 
 def trim_log(path, last_epoch):
-    """Keep the records of epochs up to `last_epoch` (a fallback to an older checkpoint, or a line
-    half-written by a kill, leaves others), rewritten atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+    """Keep the records of epochs up to `last_epoch`, rewritten atomically: a fallback to an older
+    checkpoint leaves later ones, a kill during a write half a line."""
+    def wanted(line):
         try:
-            if json.loads(line)["epoch"] <= last_epoch:
-                kept.append(line + "\n")
+            return json.loads(line)["epoch"] <= last_epoch
         except (ValueError, KeyError, TypeError):
-            pass
+            return False
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text("".join(kept))
+    temporary.write_text("".join(line + "\n" for line in path.read_text().splitlines() if wanted(line)))
     os.replace(temporary, path)
 
 
@@ -324,14 +288,14 @@ def restore(t, state):
 # Training.
 
 def train_step(config, t, batch, device):
-    """One step (module docstring, 1-4); returns (s, total loss, main loss, aux loss)."""
+    """One step (module docstring, 1-4); returns (s, [total, main, aux] loss, connections rewired)."""
     s = aux_weight(config, t.step / t.steps_per_epoch)
     autocast = device.type == "cuda" and config.precision in ("bf16", "fp16")
     with torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
                         enabled=autocast):
         scores, meta_scores = t.replica(batch, with_meta=s > 0)
-    main = LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
-    aux = meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0 else main.new_zeros(())
+    main = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
+    aux = model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0 else main.new_zeros(())
     loss = (1 - s) * main + s * aux
     losses = torch.stack([loss.detach(), main.detach(), aux.detach()])
     if t.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
@@ -359,26 +323,24 @@ def train_step(config, t, batch, device):
         stats = dst.rewire(t.network.classifier, t.optimizer, previous_regrown=t.regrown, generator=generator,
                            **t.rewiring.arguments(t.step))
         t.regrown, t.survived, rewired = stats["regrown"], stats["survived"], stats["rewired"]
-    return s, *losses, rewired
+    return s, losses, rewired
 
 
 def train_epoch(config, t, epoch, split, tokens, device):
     """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages."""
     t.network.train()
     torch.manual_seed(seed_of(config.seed, epoch, t.rank))  # dropout: fixed per epoch (exact resume), new per rank
-    totals = {"loss": 0.0, "main": 0.0, "aux": 0.0, "rewired": 0.0, "aux_weight": 0.0}
+    totals, rewired = torch.zeros(3, dtype=torch.float64), 0
     batches = data.batches(split, config.batch_size // t.world, shuffle=True, seed=config.seed, epoch=epoch,
                            tokens=tokens, rank=t.rank, world=t.world, even=True)
     progress = tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
                     disable=None if t.rank == 0 else True, leave=False)
     for count, batch in enumerate(progress, start=1):
-        s, loss, main, aux, rewired = train_step(config, t, batch.to(device), device)
-        for key, value in (("loss", loss), ("main", main), ("aux", aux), ("rewired", rewired)):
-            totals[key] += float(value)
-        totals["aux_weight"] = s
-        progress.set_postfix(loss=f"{totals['loss'] / count:.4g}", s=f"{s:.2f}", refresh=False)
-    return {k: v / t.steps_per_epoch if k in ("loss", "main", "aux") else v for k, v in totals.items()} | {
-        "rewired": int(totals["rewired"])}
+        s, losses, step_rewired = train_step(config, t, batch.to(device), device)
+        totals, rewired = totals + losses.cpu(), rewired + step_rewired
+        progress.set_postfix(loss=f"{totals[0] / count:.4g}", s=f"{s:.2f}", refresh=False)
+    loss, main, aux = (totals / t.steps_per_epoch).tolist()
+    return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
 
 
 def memory_report(network, device):
@@ -402,19 +364,6 @@ def start_processes(config):
     if rank > 0:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0's (errors still reach stderr)
     return rank, world, device
-
-
-def evaluate_test(config, t, xmc, tokens, device):
-    """Metrics on the test split; each rank scores every world-th document, rank 0 puts them together."""
-    test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens, rank=t.rank, world=t.world)
-    predictions, _ = evaluate.predict_top_k(t.network, test, max(evaluate.KS), device)
-    if t.world > 1:
-        shares = [None] * t.world
-        torch.distributed.all_gather_object(shares, predictions)
-        predictions = np.empty((sum(map(len, shares)), shares[0].shape[1]), dtype=shares[0].dtype)
-        for rank, share in enumerate(shares):  # rank r scored documents r, r + world, ...
-            predictions[rank::t.world] = share
-    return evaluate.test_metrics(xmc, predictions)
 
 
 def run(config, stop_after_epoch=None):
@@ -459,14 +408,15 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".checkpoint*.tmp*"):  # left by a run killed while writing
             stale.unlink()
-        if config.resume:
+        if config.resume and (out / "log.jsonl").exists():
             trim_log(out / "log.jsonl", first_epoch)
     results = {}
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
         record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device)
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
-            results = evaluate_test(config, t, xmc, tokens["test"], device)
+            test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens["test"], rank=rank, world=world)
+            results = evaluate.evaluate(t.network, xmc, test, device, world=world)
         record |= {"epoch": epoch + 1, "step": t.step, "survived": t.survived,
                    "lr": [g["lr"] for g in t.optimizer.param_groups], "seconds": time.time() - epoch_start,
                    **memory_report(t.network, device), **results}
@@ -484,10 +434,8 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, "
           f"{config.epochs} epochs in {time.time() - started:.0f}s:")
     print(evaluate.table(results))
-    report = memory_report(t.network, device)
-    print(f"classifier memory (parameters + AdamW state): {report['classifier_MB']:.1f} MB; "
-          f"dense would need {report['dense_classifier_MB']:.1f} MB"
-          + (f"; peak GPU memory {report['peak_gpu_MB']:.0f} MB" if "peak_gpu_MB" in report else ""))
+    if device.type == "cuda":
+        print(f"peak GPU memory {memory_report(t.network, device)['peak_gpu_MB']:.0f} MB")
     return results
 
 
