@@ -162,6 +162,13 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny):
     assert json.loads(open(Path(tiny.out) / "log.jsonl").readlines()[-1])["epoch"] == 2
 
 
+def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
+    monkeypatch.setitem(model.LOSSES, "squared_hinge", lambda scores, rows, labels: scores.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        train.run(tiny)
+    assert not (Path(tiny.out) / "checkpoint.pt").exists()
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, monkeypatch):
     calls = []
 
