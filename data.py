@@ -217,17 +217,17 @@ def load_raw_text(directory, name, max_vocabulary=200_000, **propensity):
                    list(label_index), **propensity, vocabulary=list(vocabulary), idf=train_bags[3])
 
 
-def documents(lines, num_features, vocabulary=None, idf=None, where="<stdin>"):
+def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where="<stdin>"):
     """New documents for predict, as a Split without labels: texts through the training vocabulary
     and idf when the model was trained on raw text; otherwise "f:v f:v ..." lines as in the
-    bag-of-words files (a leading label field is read and ignored). A document with no known word
-    or feature gets an empty bag."""
+    bag-of-words files (a leading label field is checked, then ignored). A document with no known
+    word or feature gets an empty bag."""
     if vocabulary is not None:
         index = {word: i for i, word in enumerate(vocabulary)}
         tokens = to_csr([[index[w] for w in WORD.findall(line.lower()) if w in index] for line in lines])
         offsets, ids, values, _ = tfidf_bags(*tokens, len(vocabulary), idf)
     else:
-        rows = [parse_bow_line(line, f"{where}:{number}", num_features, 1 << 62)[1:]
+        rows = [parse_bow_line(line, f"{where}:{number}", num_features, num_labels)[1:]
                 for number, line in enumerate(lines, start=1)]
         offsets, ids = to_csr([features for features, _ in rows])
         values = normalise_rows(offsets, np.fromiter((v for _, vs in rows for v in vs), np.float32, len(ids)))

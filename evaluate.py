@@ -135,14 +135,15 @@ def predict(state, lines, k, batch_size, device, where):
         return []
     inputs = state["inputs"]
     idf = None if inputs["idf"] is None else inputs["idf"].numpy()
-    split = data.documents(lines, state["model_arguments"]["num_features"], inputs["vocabulary"], idf, where)
+    shape = state["model_arguments"]
+    split = data.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"], idf, where)
     empty = int((np.diff(split.bag_offsets) == 0).sum())
     if empty and state["tokenizer"] is None:
         print(f"{where}: {empty} documents have no known word or feature; their labels come from the biases alone",
               file=sys.stderr)
     tokens = state["tokenizer"] and data.tokenize(split.texts, **state["tokenizer"])
     labels, scores = predict_top_k(load_model(state, device), data.batches(split, batch_size, tokens=tokens), k, device)
-    names = inputs["label_names"] or range(state["model_arguments"]["num_labels"])
+    names = inputs["label_names"] or range(shape["num_labels"])
     return [" ".join(f"{names[l]}:{s:.4f}" for l, s in zip(row_labels, row_scores))
             for row_labels, row_scores in zip(labels, scores)]
 

@@ -238,7 +238,7 @@ def load_latest_checkpoint(out):
             try:
                 return path, evaluate.load_checkpoint(path)
             except ValueError as error:
-                print(f"warning: {error}; trying the previous checkpoint")
+                print(f"warning: {error}; skipped")
     raise FileNotFoundError(f"--resume: no readable checkpoint in {out}")
 
 
@@ -399,9 +399,9 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         check_compatible(path, state, t, config)
         first_epoch = restore(t, state)
         print(f"resumed from {path} after epoch {first_epoch} (step {t.step})")
-    sparse_mb, dense_mb = (b / 2**20 for b in t.network.classifier_bytes())
+    memory = memory_report(t.network, device)
     print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
-          f"state {sparse_mb:.1f} MB (a dense classifier: {dense_mb:.1f} MB); device {device}"
+          f"state {memory['classifier_MB']:.1f} MB (dense: {memory['dense_classifier_MB']:.1f} MB); device {device}"
           + (f", {world} processes" if world > 1 else ""))
 
     if rank == 0:
