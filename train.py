@@ -8,8 +8,11 @@ One training step, top to bottom (see `train_step`):
      first aux_epochs, then the meta head is no longer computed at all;
   3. backward, optional clipping, AdamW step (two learning rates: encoder / the rest), LR schedule;
   4. every rewire_interval steps until rewire_end of training: a SET rewire of the classifier.
-Every eval_every epochs: P@k / nDCG@k / PSP@k on the test split, a JSON line in <out>/log.jsonl and
-an atomically written checkpoint (<out>/checkpoint.pt) from which --resume continues exactly.
+Before the first step, `prepare` reads the data set and builds what training reads besides: bags
+of words, label clusters, token-id caches (kept next to the data for later runs; --dry-run stops
+there and reports sizes and peak memory). Every eval_every epochs: P@k / nDCG@k / PSP@k on the test
+split, a JSON line in <out>/log.jsonl and an atomically written checkpoint (<out>/checkpoint.pt)
+from which --resume continues exactly.
 
 Under torchrun, every process trains a replica (DistributedDataParallel) on its share of each
 batch; gradients are averaged, every replica rewires identically (a shared seed), the test split is
@@ -18,6 +21,7 @@ scored in shares and gathered, and only rank 0 prints and writes.
     python train.py                                   # the embedded synthetic data set, CPU, minutes
     python train.py --data delicious --data-dir ../shared/data
     python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
+    python train.py --data path/to/EURLex-4K          # any folder in the XC repository's formats
     torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # 4 GPUs, same global batch
 """
 import argparse
@@ -25,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -43,10 +48,15 @@ import sparse_layer
 
 @dataclass
 class Config:
-    data: str = "synthetic"  # synthetic, or a data set of data.DATASETS under data_dir
+    data: str = "synthetic"  # synthetic, a named data set (its folder under data_dir), or a folder
     data_dir: str = "data"
-    out: str = ""  # run directory; default runs/<data>
+    format: str = ""  # the folder's layout: bow, raw or lf (data.py); empty: found from its files
+    augment_labels: bool = False  # LF data sets: each label's title is one more training document
+    propensity_a: float = 0.55  # PSP@k's propensity constants A, B (Jain et al. 2016) of the data set
+    propensity_b: float = 1.5
+    out: str = ""  # run directory; default runs/<the data set's name>
     resume: bool = False  # continue from the newest readable checkpoint in <out>
+    dry_run: bool = False  # prepare everything up to the first step, report sizes and peak memory, exit
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     precision: str = "bf16"  # autocast on a GPU: bf16, fp16 or fp32 (the CPU always runs fp32)
@@ -82,7 +92,7 @@ class Config:
     eval_batch_size: int = 256
 
     def __post_init__(self):
-        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"),
+        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("", *data.LAYOUTS),
                    "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"),
                    "backend": sparse_layer.BACKENDS}
         for name, allowed in choices.items():
@@ -93,23 +103,44 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
-PRESETS = {  # the paper's hyperparameters where it gives them; any value can be overridden
+# A folder without a preset trains with these: with the bag-of-words encoder, the values measured
+# on Delicious (README; the aux loss off, as it did not help there); with a transformer, the
+# paper's common recipe.
+BOW_DEFAULTS = dict(epochs=40, dim=1024, dropout=0.5, intermediate=2048, fan_in=128, loss="bce", rewire_interval=200)
+TRANSFORMER_DEFAULTS = dict(max_length=128, batch_size=64, fan_in=128, epochs=50, lr_encoder=1e-5,
+                            lr_classifier=1e-2, warmup_steps=1000, aux_weight=0.4, aux_epochs=15, rewire_interval=800,
+                            rewire_fraction=0.2, rewire_end=0.66, intermediate=0, eval_every=5)
+AMAZON, WIKIPEDIA = dict(propensity_a=0.6, propensity_b=2.6), dict(propensity_a=0.5, propensity_b=0.4)
+PRESETS = {  # the paper's data sets; any value can be overridden
     "synthetic": dict(epochs=6, dim=256, intermediate=1024, fan_in=32, lr_encoder=2e-3, lr_classifier=1e-2,
                       warmup_steps=100, rewire_interval=200, aux_weight=0.4, aux_epochs=3),
-    "delicious": dict(epochs=40, dim=1024, dropout=0.5, intermediate=2048, fan_in=128, loss="bce",
-                      lr_encoder=1e-3, lr_classifier=1e-2, batch_size=64, rewire_interval=200, aux_weight=0.0,
-                      aux_epochs=5),  # aux off: measured better here (README)
-    "amazon670k": dict(encoder="bert-base-uncased", max_length=128, batch_size=64, fan_in=128, epochs=50,
-                       lr_encoder=1e-5, lr_classifier=1e-2, warmup_steps=1000, aux_weight=0.4, aux_epochs=15,
-                       rewire_interval=800, rewire_fraction=0.2, rewire_end=0.66, intermediate=0, eval_every=5),
+    "delicious": dict(BOW_DEFAULTS, format="bow"),
+    "amazon670k": dict(TRANSFORMER_DEFAULTS, encoder="bert-base-uncased", format="raw", **AMAZON),
+    "lf-amazontitles-131k": dict(TRANSFORMER_DEFAULTS, encoder="sentence-transformers/msmarco-distilbert-base-v4",
+                                 format="lf", augment_labels=True, pooling="mean", max_length=32, dropout=0.7,
+                                 batch_size=512, epochs=100, loss="bce", warmup_steps=5000, rewire_interval=1000,
+                                 rewire_fraction=0.15, aux_epochs=12, **AMAZON),
+    "lf-wikiseealso-320k": dict(TRANSFORMER_DEFAULTS, encoder="sentence-transformers/paraphrase-distilroberta-base-v2",
+                                format="lf", augment_labels=True, pooling="mean", max_length=32, dropout=0.55,
+                                batch_size=128, epochs=101, lr_encoder=2e-4, warmup_steps=5000, aux_weight=0.0,
+                                rewire_threshold=0.02, **WIKIPEDIA),
 }
-PRESETS["wiki500k"] = dict(PRESETS["amazon670k"], max_length=256)
+PRESETS["wiki500k"] = dict(PRESETS["amazon670k"], max_length=256, **WIKIPEDIA)
 PRESETS["amazon3m"] = dict(PRESETS["amazon670k"], max_length=128, epochs=20)
-PRESETS["wiki10-31k"] = dict(PRESETS["amazon670k"], max_length=256, batch_size=32, epochs=30)
+PRESETS["wiki10-31k"] = dict(PRESETS["amazon670k"], max_length=256, batch_size=32, epochs=30, **WIKIPEDIA)
+
+
+def folder_defaults(folder, given):
+    """A folder without a preset: its layout, found from its files, and the defaults above."""
+    transformer = given.get("encoder", Config.encoder) != "bow"
+    layout, _ = data.detect(data.source_folder(folder), given.get("format", ""), prefer_text=transformer)
+    if not transformer:
+        return dict(BOW_DEFAULTS, format=layout)
+    return dict(TRANSFORMER_DEFAULTS, format=layout, **(dict(max_length=32, pooling="mean") if layout == "lf" else {}))
 
 
 def parse_config(argv=None):
-    """Config defaults < the data set's preset < command-line flags."""
+    """Config defaults < the data set's preset (or a folder's defaults) < command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
@@ -118,8 +149,9 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=field.type, default=None, help=f"default {field.default!r}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    config = Config(**{**PRESETS.get(given.get("data", Config.data), {}), **given})
-    return dataclasses.replace(config, out=config.out or f"runs/{config.data}")
+    name = given.get("data", Config.data)
+    config = Config(**{**(PRESETS[name] if name in PRESETS else folder_defaults(name, given)), **given})
+    return dataclasses.replace(config, out=config.out or f"runs/{Path(config.data).name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,12 +186,8 @@ class Training:
     survived: float | None = None
 
 
-def build(config, xmc, device, rank=0, world=1):
-    clusters = None
-    if config.aux_weight > 0:
-        writable = config.data != "synthetic" and os.access(Path(config.data_dir), os.W_OK)
-        cache = Path(config.data_dir) / data.DATASETS[config.data][0] if writable else Path(config.out)
-        clusters = data.label_clusters(xmc, config.max_leaf, cache_dir=cache).to(device)
+def build(config, source, xmc, clusters, device, rank=0, world=1):
+    clusters = None if clusters is None else clusters.to(device)
     arguments = dict(encoder=config.encoder, num_features=xmc.num_features, num_labels=xmc.num_labels,
                      num_clusters=0 if clusters is None else int(clusters.max()) + 1, dim=config.dim,
                      dropout=config.dropout, pooling=config.pooling, intermediate=config.intermediate,
@@ -187,8 +215,9 @@ def build(config, xmc, device, rank=0, world=1):
         return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, total - config.warmup_steps)))
 
     tokenizer = None if config.encoder == "bow" else dict(tokenizer_name=config.encoder, max_length=config.max_length)
-    inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary,
-                  idf=None if xmc.idf is None else torch.from_numpy(xmc.idf))
+    bow_inputs = config.encoder == "bow" and xmc.vocabulary is not None  # a bag-of-words model of raw text
+    inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow_inputs else None,
+                  idf=torch.from_numpy(xmc.idf) if bow_inputs else None)
     return Training(
         network=network, replica=replica, rank=rank, world=world, optimizer=optimizer, clusters=clusters,
         steps_per_epoch=steps_per_epoch,
@@ -196,8 +225,9 @@ def build(config, xmc, device, rank=0, world=1):
         rewiring=dst.RewireSchedule(total, config.rewire_interval, config.rewire_end, config.rewire_fraction,
                                     config.rewire_threshold or None),
         scaler=torch.amp.GradScaler(enabled=device.type == "cuda" and config.precision == "fp16"),
-        saved=dict(model_arguments=arguments, data_arguments=dict(name=config.data, data_dir=config.data_dir),
-                   tokenizer=tokenizer, inputs=inputs))
+        saved=dict(model_arguments=arguments, tokenizer=tokenizer, inputs=inputs,
+                   data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
+                                       propensity=(config.propensity_a, config.propensity_b))))
 
 
 def seed_of(*parts):
@@ -251,8 +281,8 @@ def checkpoint_state(t, epoch, config):
 def check_compatible(path, state, t, config):
     """Refuse a checkpoint of another model or data set in one line (other options may change)."""
     ignored = ("backend",)  # how the layer is computed, not what it is
-    old = {**state["model_arguments"], "data": state["data_arguments"]["name"]}
-    new = {**t.saved["model_arguments"], "data": config.data}
+    old = {**state["model_arguments"], "data": state["data_arguments"].get("source")}
+    new = {**t.saved["model_arguments"], "data": t.saved["data_arguments"]["source"]}
     different = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k not in ignored and old.get(k) != v]
     if different:
         raise ValueError(f"{path} belongs to another model: {'; '.join(different)}. Resume with the options "
@@ -376,23 +406,44 @@ def run(config, stop_after_epoch=None):
             torch.distributed.destroy_process_group()
 
 
+def dry_run(xmc, t, tokens, seconds, device):
+    """--dry-run: the sizes of what training would read and hold, how long preparing took (seconds)
+    and the process's peak resident memory, printed as JSON (bench.py reads it)."""
+    report = {"train_documents": len(xmc.train), "test_documents": len(xmc.test), "labels": xmc.num_labels,
+              "features": xmc.num_features, "clusters": 0 if t.clusters is None else int(t.clusters.max()) + 1,
+              "token_cache_MB": sum(rows.nbytes for rows in (tokens or {}).values()) / 2**20,
+              "parameters": sum(p.numel() for p in t.network.parameters()), **memory_report(t.network, device),
+              **seconds, "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    print("dry run: " + json.dumps(report, indent=1))
+    return report
+
+
 def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     torch.manual_seed(config.seed)
     out = Path(config.out)
     existing = [path for path in checkpoint_files(out) if path.exists()]
     if config.resume and not existing:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    if not config.resume and (existing or (out / "log.jsonl").exists()):
+    if not config.resume and not config.dry_run and (existing or (out / "log.jsonl").exists()):
         found = (existing or [out / "log.jsonl"])[0]
         raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
 
     started = time.time()
-    xmc = data.load(config.data, config.data_dir)
-    print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, "
-          f"{xmc.num_features:,} features, {xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
-    t = build(config, xmc, device, rank, world)
-    tokens = {s: t.saved["tokenizer"] and data.tokenize(getattr(xmc, s).texts, **t.saved["tokenizer"])
-              for s in ("train", "test")}
+    source = "synthetic" if config.data == "synthetic" else str(data.source_folder(config.data, config.data_dir).resolve())
+    if rank > 0:  # under torchrun, rank 0 builds the caches first, then the others find them built
+        torch.distributed.barrier()
+    xmc, clusters, tokens, seconds = data.prepare(source, config.format, config.augment_labels,
+                                                  (config.propensity_a, config.propensity_b), config.encoder,
+                                                  config.max_length, config.max_leaf if config.aux_weight > 0 else None,
+                                                  fallback=out)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, {xmc.num_features:,} features, "
+          f"{xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
+    t = build(config, source, xmc, clusters, device, rank, world)
+    if config.dry_run:
+        return dry_run(xmc, t, tokens, seconds, device)
+    tokens = tokens or {"train": None, "test": None}
     first_epoch = 0
     if config.resume:
         path, state = load_latest_checkpoint(out)

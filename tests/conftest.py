@@ -1,11 +1,29 @@
-"""Shared test helpers: the project root on sys.path, and the independent dense reference."""
+"""Shared test helpers: the project root on sys.path, the independent dense reference, a stand-in
+model of fixed scores, a tiny local BERT, and small data sets written in every layout."""
+import gzip
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+class FixedScores(torch.nn.Module):
+    """A stand-in model whose scores are rows of a given matrix (one per document, in order)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores, self.seen = scores, 0
+
+    def forward(self, batch):
+        rows = self.scores[self.seen:self.seen + batch.size]
+        self.seen += batch.size
+        return rows, None
+
 
 # A data set small enough to train on in a second or two (data.synthetic's arguments).
 TINY = dict(num_labels=120, num_topics=6, vocabulary=600, num_train=600, num_test=150)
@@ -36,3 +54,64 @@ def assert_close(actual, expected, tol, scale=None):
     error = (actual.double().cpu() - expected).abs()
     bound = tol * (1 + scale)
     assert bool((error <= bound).all()), f"max error {error.max():.3g}, allowed {bound.min():.3g} or more"
+
+
+WORDS = "red green blue apple pie sky sea fruit un ##ripe ##s".split()
+
+
+def tiny_bert(directory, words=WORDS, hidden=16):
+    """A tiny random BERT and its WordPiece tokenizer, saved in `directory` (offline stand-ins for
+    bert-base-uncased); returns the directory."""
+    import transformers
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)}).save_pretrained(directory)
+    config = transformers.BertConfig(vocab_size=len(vocabulary), hidden_size=hidden, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=2 * hidden)
+    transformers.BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def write(path, text, gz=False):
+    """Write text to path (or path.gz, gzipped); returns the path written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def corpus(count, seed, num_labels=8):
+    """(labels, text) rows: label l brings the word w<l>, and three noise words come along."""
+    rng = np.random.default_rng(seed)
+    rows = [([l], f"w{l} w{l + 10}") for l in range(num_labels)] if seed == 0 else []  # every label in training
+    for _ in range(count - len(rows)):
+        labels = sorted(set(rng.integers(0, num_labels, rng.integers(1, 4)).tolist()))
+        rows.append((labels, " ".join([f"w{l}" for l in labels] + [f"w{n}" for n in rng.integers(8, 20, 3)])))
+    return rows
+
+
+def write_data_set(directory, layout, splits, gz=False, num_labels=8):
+    """The same documents in one of the repository's layouts (labels: ids, names L00..., or targets)."""
+    lines = lambda rows: "".join(row + "\n" for row in rows)
+    folder = directory / "raw_text" if layout == "lf-under-raw_text" else directory
+    for split, rows in splits.items():
+        if layout == "bow":
+            bags = [",".join(map(str, labels)) + " " + " ".join(f"{w[1:]}:1" for w in sorted(set(text.split())))
+                    for labels, text in rows]
+            write(directory / f"{split}.txt", lines([f"{len(rows)} 20 {num_labels}"] + bags), gz)
+        elif layout in ("raw", "attentionxml"):
+            write(directory / f"{split}_{'raw_texts' if layout == 'raw' else 'texts'}.txt", lines(t for _, t in rows), gz)
+            write(directory / f"{split}_labels.txt", lines(" ".join(f"L{l:02d}" for l in labels) for labels, _ in rows), gz)
+        else:
+            records = [json.dumps({"uid": f"d{i}", "title": text, "content": text, "target_ind": labels})
+                       for i, (labels, text) in enumerate(rows)]
+            write(folder / ("trn.json" if split == "train" else "tst.json"), lines(records), gz)
+    if layout.startswith("lf"):
+        write(folder / "lbl.json", lines(json.dumps({"uid": f"L{l:02d}", "title": f"w{l} w{l}"}) for l in range(num_labels)), gz)
+    return directory
+
+
+SPLITS = {"train": corpus(40, 0), "test": corpus(12, 1)}

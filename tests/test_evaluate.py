@@ -8,6 +8,11 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import evaluate
+from conftest import FixedScores
+
+
+def to_csr(lists):
+    return data.offsets_of([len(x) for x in lists]), np.array([v for x in lists for v in x], dtype=np.int64)
 
 
 @st.composite
@@ -40,7 +45,7 @@ def brute_force(truth, predictions, inverse_propensity, k):
 @given(rankings())
 def test_metrics_match_brute_force(ranking):
     truth, predictions, frequencies, num_labels = ranking
-    offsets, ids = data.to_csr(truth)
+    offsets, ids = to_csr(truth)
     inverse = evaluate.inverse_propensities(frequencies, 100)
     results = evaluate.metrics(predictions, offsets, ids, inverse)
     for k in evaluate.KS:
@@ -58,29 +63,15 @@ def test_propensities_follow_jain_et_al():
 
 def test_perfect_ranking_scores_100():
     truth = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    offsets, ids = data.to_csr(truth)
+    offsets, ids = to_csr(truth)
     results = evaluate.metrics(np.array(truth), offsets, ids, evaluate.inverse_propensities(np.ones(10), 10))
     assert all(value == pytest.approx(100) for value in results.values())
-
-
-class FixedScores(torch.nn.Module):
-    """A stand-in model whose scores are rows of a given matrix (one per document, in order)."""
-
-    def __init__(self, scores):
-        super().__init__()
-        self.scores, self.seen = scores, 0
-
-    def forward(self, batch):
-        rows = self.scores[self.seen:self.seen + batch.size]
-        self.seen += batch.size
-        return rows, None
 
 
 def test_batched_top_k_equals_full_sort():
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(23, 40, generator=generator)
-    split = data.Split(np.zeros(24, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32),
-                       np.zeros(24, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    split = data.Split(np.zeros(24, dtype=np.int64), np.zeros(0, dtype=np.int32))
     labels, values = evaluate.predict_top_k(FixedScores(scores), data.batches(split, 5), 5, "cpu")
     assert np.array_equal(labels, scores.argsort(dim=1, descending=True)[:, :5].numpy())
     assert np.allclose(values, scores.sort(dim=1, descending=True).values[:, :5].numpy())

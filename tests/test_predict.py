@@ -44,15 +44,13 @@ def datasets(tmp_path, monkeypatch):
         (tmp_path / "data" / "raw" / f"{split}_raw_texts.txt").write_text("\n".join(texts) + "\n")
         (tmp_path / "data" / "raw" / f"{split}_labels.txt").write_text("\n".join(names) + "\n")
         (tmp_path / "data" / "bow" / f"{split}.txt").write_text(f"{count} 24 12\n" + "\n".join(bows) + "\n")
-    monkeypatch.setitem(data.DATASETS, "tiny-raw", ("raw", "raw", 0.55, 1.5))
-    monkeypatch.setitem(data.DATASETS, "tiny-bow", ("bow", "bow", 0.55, 1.5))
     return tmp_path
 
 
 def trained(datasets, name):
-    config = train.Config(data=name, data_dir=str(datasets / "data"), out=str(datasets / name), epochs=4, dim=32,
-                          fan_in=8, intermediate=32, batch_size=32, warmup_steps=5, rewire_interval=5,
-                          lr_encoder=1e-2, device="cpu")
+    folder = datasets / "data" / name.removeprefix("tiny-")
+    config = train.Config(data=str(folder), out=str(datasets / name), epochs=4, dim=32, fan_in=8, intermediate=32,
+                          batch_size=32, warmup_steps=5, rewire_interval=5, lr_encoder=1e-2, device="cpu")
     results = train.run(config)
     return Path(config.out) / "checkpoint.pt", results
 
@@ -66,8 +64,8 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
     network, xmc, batches = evaluate.load_for_evaluation(checkpoint, 16, "cpu")
     expected_labels, expected_scores = evaluate.predict_top_k(network, batches, 3, "cpu")
 
-    lines = data.read_lines(datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt"))
-    lines = lines if name == "tiny-raw" else lines[1:]  # the bag-of-words header
+    path = datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt")
+    lines = [line for _, line in data.read_lines(path)][0 if name == "tiny-raw" else 1:]  # no bag-of-words header
     predicted = evaluate.predict(evaluate.load_checkpoint(checkpoint), lines, 3, 7, "cpu", "test")
     assert len(predicted) == len(lines)
     names = xmc.label_names or [str(label) for label in range(xmc.num_labels)]
@@ -81,12 +79,14 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
 
 def test_odd_documents_have_defined_behaviour(datasets, capsys):
     """Raw text: the empty training text has an empty bag, the training document without labels is
-    a negative for every label, the test label never seen in training is dropped and counted. A
-    new document with no known word is scored from the biases alone, and said so."""
+    a negative for every label, the test label never seen in training keeps a row (and is said
+    so). A new document with no known word is scored from the biases alone, and said so."""
     checkpoint, results = trained(datasets, "tiny-raw")
-    assert "1 test labels never occur in training and are dropped" in capsys.readouterr().out
-    xmc = data.load("tiny-raw", datasets / "data")
+    assert "1 labels have no training document" in capsys.readouterr().out
+    xmc = data.load(datasets / "data" / "raw")
+    data.attach_bags(xmc)
     assert xmc.train.bag_offsets[1] == 0 and len(xmc.train.labels_of(1)) == 0
+    assert "never-trained" in xmc.label_names and xmc.num_labels == 13
     assert all(np.isfinite(value) for value in results.values())
     state = evaluate.load_checkpoint(checkpoint)
     unknown, other_unknown, known = evaluate.predict(state, ["", "zzz qqq", "w3a w3b"], 2, 4, "cpu", "new")

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import data
+import evaluate
 import model
 import train
-from conftest import TINY
+from conftest import SPLITS, TINY, tiny_bert, write_data_set
 
 
 @pytest.fixture
@@ -58,8 +59,46 @@ def test_aux_weight_decays_by_cosine_then_stops():
 def test_presets_and_command_line_overrides():
     config = train.parse_config(["--data", "amazon670k", "--fan-in", "64", "--no-sparse"])
     assert (config.encoder, config.batch_size, config.rewire_interval) == ("bert-base-uncased", 64, 800)
-    assert (config.fan_in, config.sparse, config.out) == (64, False, "runs/amazon670k")
+    assert (config.fan_in, config.sparse, config.out, config.format) == (64, False, "runs/amazon670k", "raw")
     assert train.parse_config([]).data == "synthetic"
+
+
+# The release's PSP constants A, B (../shared/reference/official-release.md), and Delicious's default.
+PROPENSITIES = {"wiki10-31k": (0.5, 0.4), "wiki500k": (0.5, 0.4), "amazon670k": (0.6, 2.6), "amazon3m": (0.6, 2.6),
+                "lf-amazontitles-131k": (0.6, 2.6), "lf-wikiseealso-320k": (0.5, 0.4), "delicious": (0.55, 1.5)}
+
+
+def test_presets_carry_their_data_sets_propensity_constants_and_layouts():
+    for name, expected in PROPENSITIES.items():
+        config = train.parse_config(["--data", name])
+        assert (config.propensity_a, config.propensity_b) == expected, name
+        assert config.format == ("lf" if name.startswith("lf-") else "bow" if name == "delicious" else "raw")
+    assert train.parse_config(["--data", "lf-amazontitles-131k"]).augment_labels
+    assert train.parse_config(["--data", "wiki500k", "--propensity-a", "0.55"]).propensity_a == 0.55
+
+
+def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):
+    bow = write_data_set(tmp_path / "EURLex-Tiny", "bow", SPLITS)
+    config = train.parse_config(["--data", str(bow)])
+    assert (config.format, config.encoder, config.out) == ("bow", "bow", "runs/EURLex-Tiny")
+    assert {k: getattr(config, k) for k in train.BOW_DEFAULTS} == train.BOW_DEFAULTS
+    raw = write_data_set(tmp_path / "Raw", "raw", SPLITS)
+    assert train.parse_config(["--data", str(raw)]).format == "raw"  # texts, read by the bag-of-words encoder
+    config = train.parse_config(["--data", str(raw), "--encoder", "some/bert"])
+    assert (config.format, config.max_length, config.lr_encoder) == ("raw", 128, 1e-5)
+    lf = write_data_set(tmp_path / "LF", "lf", SPLITS)
+    assert train.parse_config(["--data", str(lf), "--encoder", "some/bert"]).max_length == 32
+    with pytest.raises(ValueError, match="holds bags of words only"):
+        train.run(train.parse_config(["--data", str(bow), "--encoder", "some/bert", "--dry-run", "--out",
+                                      str(tmp_path / "run")]))
+    with pytest.raises(data.DataError, match="no data set at"):
+        train.parse_config(["--data", str(tmp_path / "nothing/here")])
+
+
+@pytest.mark.skipif(not (train.Path(__file__).parents[2] / "shared/data/delicious").is_dir(), reason="no ../shared")
+def test_the_shared_delicious_folder_needs_no_other_flag():
+    config = train.parse_config(["--data", str(train.Path(__file__).parents[2] / "shared/data/delicious")])
+    assert config.format == "bow" and {k: getattr(config, k) for k in train.BOW_DEFAULTS} == train.BOW_DEFAULTS
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -206,32 +245,49 @@ def test_evaluate_reloads_a_checkpoint(tiny):
     assert again == pytest.approx(results)
 
 
-def test_transformer_encoder_on_raw_text(tmp_path, monkeypatch):
-    """The pretrained-encoder path, offline: a tiny random BERT and tokenizer saved locally stand in
-    for bert-base-uncased; the data set is raw text with label names."""
-    transformers = pytest.importorskip("transformers")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red green blue apple pie sky sea fruit".split()
-    encoder_dir = tmp_path / "tiny-bert"
-    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(encoder_dir)
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32)
-    transformers.BertModel(config).save_pretrained(encoder_dir)
-    rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(words[5:], 4)) for _ in range(80)]
-    labels = [" ".join(sorted({w.upper() for w in t.split()[:2]})) for t in texts]
-    directory = tmp_path / "data" / "Tiny"
-    directory.mkdir(parents=True)
-    for split, rows in (("train", slice(0, 60)), ("test", slice(60, 80))):
-        (directory / f"{split}_raw_texts.txt").write_text("\n".join(texts[rows]) + "\n")
-        (directory / f"{split}_labels.txt").write_text("\n".join(labels[rows]) + "\n")
-    monkeypatch.setitem(data.DATASETS, "tiny-text", ("Tiny", "raw", 0.55, 1.5))
+@pytest.fixture
+def text_folder(tmp_path, monkeypatch):
+    """A raw-text data set whose words a tiny local BERT knows (labels: the upper-cased first two)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = train.Config(data="tiny-text", data_dir=str(tmp_path / "data"), encoder=str(encoder_dir), max_length=8,
-                       pooling="mean", out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8,
-                       intermediate=32, aux_weight=0.4, aux_epochs=1, max_leaf=3, warmup_steps=2)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice("red green blue apple pie sky sea fruit".split(), 4)) for _ in range(80)]
+    rows = [({w.upper() for w in t.split()[:2]}, t) for t in texts]
+    folder = tmp_path / "data" / "Tiny"
+    for split, part in (("train", rows[:60]), ("test", rows[60:])):
+        (folder / f"{split}_raw_texts.txt").parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}_raw_texts.txt").write_text("".join(t + "\n" for _, t in part))
+        (folder / f"{split}_labels.txt").write_text("".join(" ".join(sorted(names)) + "\n" for names, _ in part))
+    return folder, tiny_bert(tmp_path / "tiny-bert")
+
+
+def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
+    """The pretrained-encoder path, offline: a tiny random BERT stands in for bert-base-uncased.
+    Clusters and token ids are cached next to the data; evaluate.py reads the same token cache."""
+    folder, encoder = text_folder
+    run = train.Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, pooling="mean",
+                       out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8, intermediate=32, aux_weight=0.4,
+                       aux_epochs=1, max_leaf=3, warmup_steps=2)
     results = train.run(run)
     assert 0 <= results["P@1"] <= 100
-    assert list(directory.glob("clusters_tiny-text_3_*.npy")), "clusters are cached next to the data"
+    assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
+    monkeypatch.setattr(data, "encode", None)  # evaluation must not tokenise again
+    network, xmc, batches = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
+    assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
+
+
+def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp_path, monkeypatch, capsys):
+    folder, encoder = text_folder
+    run = train.Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, out=str(tmp_path / "run"),
+                       fan_in=8, aux_weight=0.4, max_leaf=3, dry_run=True)
+    report = train.run(run)
+    assert (report["train_documents"], report["test_documents"], report["labels"]) == (60, 20, 8)
+    assert report["clusters"] >= 3 and report["token_cache_MB"] == (60 + 20) * (4 + 8 * 2) / 2**20
+    assert report["peak_rss_MB"] > 0 and set(report) >= {"load_s", "clusters_s", "tokens_s", "classifier_MB"}
+    assert not (tmp_path / "run").exists()  # nothing written but the caches next to the data
+    assert json.loads(capsys.readouterr().out.split("dry run: ")[-1]) == report
+    monkeypatch.setattr(data, "encode", None)  # the second start finds both caches
+    monkeypatch.setattr(data, "cluster_labels", None)
+    assert train.run(run)["clusters"] == report["clusters"]
 
 
 @pytest.mark.parametrize("argv, message", [(["--loss", "hinge"], "--loss must be one of"),
