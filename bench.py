@@ -196,8 +196,8 @@ def bench_memory(args, device):
 
 # ---------------------------------------------------------------------------------------------
 # --data-scale: the paper's data sets' shapes. Documents, labels and labels per document are the
-# XC repository's counts; words per document about 150 (Amazon-670K) and 700 (Wiki-500K) as in
-# their raw texts, and 100 for Amazon-3M's short product texts (an estimate).
+# XC repository's counts; words per document are round approximations of their raw texts'
+# lengths (Wikipedia articles are long, Amazon product texts short), not counts.
 
 SHAPES = {  # train documents, test documents, labels, labels per document, words per document
     "amazon670k": (490_449, 153_025, 670_091, 5.45, 150),
@@ -227,8 +227,8 @@ def write_shaped_data_set(folder, shape, scale, tokenizer_vocabulary, seed=0):
     num_train, num_test, num_labels = (max(1, round(n * scale)) for n in (num_train, num_test, num_labels))
     rng = np.random.default_rng(seed)
     head = [w for w in Path(tokenizer_vocabulary).read_text().split() if w.isalpha() and len(w) > 1]
-    words = np.array(head + [head[i % len(head)] + head[i // len(head) % len(head)] for i in range(300_000 - len(head))],
-                     dtype=object)
+    pairs = [head[i % len(head)] + head[i // len(head) % len(head)] for i in range(300_000 - len(head))]
+    words = np.array(head + pairs, dtype=object)
     draw_word, draw_label = zipf_sampler(len(words), rng), zipf_sampler(num_labels, rng)
     label_of_rank = rng.permutation(num_labels)  # popularity unrelated to the label's name
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,9 +236,10 @@ def write_shaped_data_set(folder, shape, scale, tokenizer_vocabulary, seed=0):
         with open(folder / f"{split}_raw_texts.txt", "w") as texts, open(folder / f"{split}_labels.txt", "w") as names:
             for start in range(0, count, 10_000):
                 size = min(10_000, count - start)
-                label_counts, word_counts = 1 + rng.poisson(per_document - 1, size), rng.integers(length // 2, 3 * length // 2, size)
+                label_counts = 1 + rng.poisson(per_document - 1, size)
+                word_counts = rng.integers(length // 2, 3 * length // 2, size)
                 labels = label_of_rank[draw_label(label_counts.sum())]
-                if split == "train":  # every label once: labels start..., spread over the training split
+                if split == "train":  # every label in some training document: this chunk's share of them
                     mine = np.arange(start * num_labels // count, (start + size) * num_labels // count)
                     labels[rng.choice(len(labels), len(mine), replace=False)] = mine
                 word_list, label_list = words[draw_word(word_counts.sum())].tolist(), labels.tolist()
@@ -271,7 +272,8 @@ def bench_data_scale(args):
     print(f"{args.data_scale} x {args.scale}: {sizes[0]:,} train / {sizes[1]:,} test documents, {sizes[2]:,} labels, "
           f"{disk:.1f} GB of text, written in {time.time() - started:.0f} s to {folder}", flush=True)
     command = [sys.executable, str(Path(__file__).parent / "train.py"), "--data", args.data_scale, "--data-dir",
-               str(workdir), "--encoder", args.encoder, "--max-length", "128", "--dry-run", "--out", str(workdir / "run")]
+               str(workdir), "--encoder", args.encoder, "--max-length", "128", "--dry-run",
+               "--out", str(workdir / "run")]
     print("| start | load s | clusters s | token cache s | total s | peak resident GB | token cache MB |\n"
           "|---|---|---|---|---|---|---|")
     for start in ("first", "cached"):

@@ -119,9 +119,10 @@ def csr_rows(offsets, rows):
     return new_offsets, positions
 
 
-def sort_rows(offsets, ids):
-    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    return ids[np.lexsort((ids, rows))]
+def sort_rows(offsets, ids, num_ids):
+    """ids sorted within each CSR row (one sort of the keys row * num_ids + id)."""
+    rows = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    return (np.sort(rows * num_ids + ids) % num_ids).astype(ids.dtype)
 
 
 def batched(iterable, size):
@@ -166,7 +167,8 @@ def read_lines(path):
             for number, line in enumerate(f, start=1):
                 yield number, line.rstrip("\n").removesuffix("\r")
         except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-            raise DataError(f"{path}:{number + 1}: cannot be read ({error}): is the file damaged or cut short?") from None
+            raise DataError(f"{path}:{number + 1}: cannot be read ({error}): is the file damaged or cut "
+                            f"short?") from None
 
 
 def json_record(line, path, number, key):
@@ -255,14 +257,15 @@ def load_raw_text(name, files):
     names = sorted(index)
     renumber = np.empty(len(index), dtype=np.int32)
     renumber[[index[n] for n in names]] = np.arange(len(names), dtype=np.int32)
-    splits = {s: Split(offsets, sort_rows(offsets, renumber[ids]), texts=Texts((files[f"{s}_texts"], None)))
+    splits = {s: Split(offsets, sort_rows(offsets, renumber[ids], len(names)),
+                       texts=Texts((files[f"{s}_texts"], None)))
               for s, (offsets, ids) in labels.items()}
     report_test_only_labels(name, splits["train"], len(names))
     return XMCData(name, splits["train"], splits["test"], len(names), names)
 
 
 def report_test_only_labels(name, train, num_labels):
-    unseen = num_labels - len(np.unique(train.label_ids))
+    unseen = int((np.bincount(train.label_ids, minlength=num_labels) == 0).sum())
     if unseen:
         print(f"{name}: {unseen} labels have no training document; they keep a classifier row and count in "
               f"the test metrics (the release's label ids)")
@@ -380,13 +383,14 @@ def detect(folder, format="", prefer_text=False):
     raise DataError(f"no data set in {folder}: expected {EXPECTED}. {where_from}")
 
 
-def source_folder(data, data_dir="data"):
-    """The folder of a named data set (under data_dir), or `data` itself when it is a path."""
-    if data in FOLDERS:
-        return Path(data_dir) / FOLDERS[data]
-    if "/" in data or Path(data).is_dir():
-        return Path(data)
-    raise DataError(f"unknown data set {data!r}: give synthetic, one of {', '.join(FOLDERS)}, or a folder")
+def locate(data, data_dir="data"):
+    """Where a data set is: "synthetic" (generated), or the absolute path of a named data set's
+    folder under data_dir, or of `data` itself when it is a path."""
+    if data == "synthetic":
+        return data
+    if data not in FOLDERS and "/" not in data and not Path(data).is_dir():
+        raise DataError(f"unknown data set {data!r}: give synthetic, one of {', '.join(FOLDERS)}, or a folder")
+    return str((Path(data_dir) / FOLDERS[data] if data in FOLDERS else Path(data)).resolve())
 
 
 def fingerprint(*parts):
@@ -409,9 +413,10 @@ def load(source, format="", augment_labels=False, propensity=(0.55, 1.5)):
     folder = Path(source)
     layout, files = detect(folder, format)
     if augment_labels and layout != "lf":
-        raise DataError(f"--augment-labels needs label texts: only LF data sets (lbl.json) have them, {folder} is '{layout}'")
-    name = folder.resolve().name
-    xmc = load_lf(name, files, augment_labels) if layout == "lf" else (load_bow if layout == "bow" else load_raw_text)(name, files)
+        raise DataError(f"--augment-labels needs label texts, which only LF data sets have (lbl.json); {folder} "
+                        f"holds '{layout}' files")
+    reader = {"bow": load_bow, "raw": load_raw_text, "lf": functools.partial(load_lf, augment_labels=augment_labels)}
+    xmc = reader[layout](folder.resolve().name, files)
     xmc.folder = files["test"].parent if layout == "lf" else folder
     xmc.fingerprint = fingerprint(layout, augment_labels, *sorted(files.values()))
     xmc.propensity = tuple(propensity)
@@ -428,7 +433,8 @@ def texts_of(split, purpose=None):
     """The split's texts, checked to pair one to one with its label lines; with a progress bar
     that says what the pass is for, when one is given."""
     count = 0
-    for text in tqdm(split.texts, purpose, len(split), disable=None if purpose else True, mininterval=2, leave=False):
+    progress = dict(desc=purpose, total=len(split), disable=None if purpose else True, mininterval=2, leave=False)
+    for text in tqdm(split.texts, **progress):
         count += 1
         if count > len(split):
             break
@@ -476,7 +482,8 @@ def bag_chunks(xmc, split):
         return
     for start in range(0, len(split), CHUNK_DOCUMENTS):
         offsets = split.bag_offsets[start:start + CHUNK_DOCUMENTS + 1]
-        yield start, offsets - offsets[0], split.bag_ids[offsets[0]:offsets[-1]], split.bag_values[offsets[0]:offsets[-1]]
+        entries = slice(offsets[0], offsets[-1])
+        yield start, offsets - offsets[0], split.bag_ids[entries], split.bag_values[entries]
 
 
 def join_bags(chunks):
@@ -494,7 +501,8 @@ def attach_bags(xmc, splits=("train", "test"), vocabulary=None, idf=None):
         xmc.vocabulary, xmc.idf, xmc.num_features = list(vocabulary), idf, len(vocabulary)
     for split in (getattr(xmc, name) for name in splits):
         if split.bag_ids is None:
-            split.bag_offsets, split.bag_ids, split.bag_values = join_bags(chunk[1:] for chunk in bag_chunks(xmc, split))
+            bags = join_bags(chunk[1:] for chunk in bag_chunks(xmc, split))
+            split.bag_offsets, split.bag_ids, split.bag_values = bags
 
 
 def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where="<stdin>"):
@@ -565,7 +573,8 @@ def synthetic(num_labels=3000, num_topics=60, vocabulary=6000, num_train=30_000,
     train_bags = tfidf_bags(token_offsets, tokens[:num_train].ravel(), vocabulary)
     test_bags = tfidf_bags(np.arange(num_test + 1) * length, tokens[num_train:].ravel(), vocabulary, train_bags[3])
     train = Split(label_offsets[: num_train + 1], label_ids[: label_offsets[num_train]], *train_bags[:3])
-    test = Split(label_offsets[num_train:] - label_offsets[num_train], label_ids[label_offsets[num_train]:], *test_bags[:3])
+    test_offsets = label_offsets[num_train:] - label_offsets[num_train]
+    test = Split(test_offsets, label_ids[label_offsets[num_train]:], *test_bags[:3])
     return XMCData("synthetic", train, test, num_labels, num_features=vocabulary,
                    fingerprint=fingerprint(label_ids.tobytes(), train.bag_ids.tobytes()))
 
@@ -815,8 +824,8 @@ def make_batch(split, rows, tokens=None):
     batch = Batch(owners(label_offsets), as_long(split.label_ids[positions]), size=len(rows))
     if split.bag_ids is not None:
         bag_offsets, positions = csr_rows(split.bag_offsets, rows)
-        batch.bag_ids, batch.bag_values = as_long(split.bag_ids[positions]), torch.from_numpy(split.bag_values[positions])
-        batch.bag_offsets = torch.from_numpy(bag_offsets[:-1])
+        batch.bag_ids, batch.bag_offsets = as_long(split.bag_ids[positions]), torch.from_numpy(bag_offsets[:-1])
+        batch.bag_values = torch.from_numpy(split.bag_values[positions])
     if tokens is not None:
         batch.tokens = token_batch(tokens, rows)
     if split.excluded is not None:

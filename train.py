@@ -133,7 +133,7 @@ PRESETS["wiki10-31k"] = dict(PRESETS["amazon670k"], max_length=256, batch_size=3
 def folder_defaults(folder, given):
     """A folder without a preset: its layout, found from its files, and the defaults above."""
     transformer = given.get("encoder", Config.encoder) != "bow"
-    layout, _ = data.detect(data.source_folder(folder), given.get("format", ""), prefer_text=transformer)
+    layout, _ = data.detect(data.locate(folder), given.get("format", ""), prefer_text=transformer)
     if not transformer:
         return dict(BOW_DEFAULTS, format=layout)
     return dict(TRANSFORMER_DEFAULTS, format=layout, **(dict(max_length=32, pooling="mean") if layout == "lf" else {}))
@@ -429,7 +429,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
 
     started = time.time()
-    source = "synthetic" if config.data == "synthetic" else str(data.source_folder(config.data, config.data_dir).resolve())
+    source = data.locate(config.data, config.data_dir)
     if rank > 0:  # under torchrun, rank 0 builds the caches first, then the others find them built
         torch.distributed.barrier()
     xmc, clusters, tokens, seconds = data.prepare(source, config.format, config.augment_labels,
@@ -438,7 +438,8 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
                                                   fallback=out)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
-    print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, {xmc.num_features:,} features, "
+    features = f"{xmc.num_features:,} features, " if xmc.num_features else ""  # a transformer needs none
+    print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, {features}"
           f"{xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
     t = build(config, source, xmc, clusters, device, rank, world)
     if config.dry_run:

@@ -43,7 +43,7 @@ def test_a_folder_with_two_layouts_is_read_as_the_encoder_needs_unless_forced(tm
 
 def test_missing_or_incomplete_data_sets_say_which_files_and_where_from(tmp_path):
     with pytest.raises(data.DataError) as error:
-        data.detect(data.source_folder("amazon670k", tmp_path))
+        data.detect(data.locate("amazon670k", tmp_path))
     assert str(tmp_path / "Amazon-670K") in str(error.value) and "Extreme Classification Repository" in str(error.value)
     (tmp_path / "Empty").mkdir()
     with pytest.raises(data.DataError, match="no data set in .*Empty: expected train.txt"):
@@ -55,7 +55,7 @@ def test_missing_or_incomplete_data_sets_say_which_files_and_where_from(tmp_path
     with pytest.raises(data.DataError, match="no data set in .*Half: expected"):
         data.detect(folder, format="lf")
     with pytest.raises(data.DataError, match="unknown data set 'imagenet'"):
-        data.source_folder("imagenet")
+        data.locate("imagenet")
 
 
 def test_label_ids_are_the_sorted_union_and_a_test_only_label_keeps_its_row_and_counts(tmp_path, capsys):

@@ -285,9 +285,9 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
     assert report["peak_rss_MB"] > 0 and set(report) >= {"load_s", "clusters_s", "tokens_s", "classifier_MB"}
     assert not (tmp_path / "run").exists()  # nothing written but the caches next to the data
     assert json.loads(capsys.readouterr().out.split("dry run: ")[-1]) == report
-    monkeypatch.setattr(data, "encode", None)  # the second start finds both caches
+    monkeypatch.setattr(data, "encode", None)  # a second start, with another --out, finds both caches
     monkeypatch.setattr(data, "cluster_labels", None)
-    assert train.run(run)["clusters"] == report["clusters"]
+    assert train.run(dataclasses.replace(run, out=str(tmp_path / "other")))["clusters"] == report["clusters"]
 
 
 @pytest.mark.parametrize("argv, message", [(["--loss", "hinge"], "--loss must be one of"),
