@@ -362,15 +362,16 @@ def layout_files(folder, layout):
     return found
 
 
-def detect(folder, format="", prefer_text=False):
-    """(layout, {role: path}) of the data set in folder: `format` if given, else the first complete
+def detect(folder, format="auto", prefer_text=False):
+    """(layout, {role: path}) of the data set in folder: `format` unless "auto", else the first complete
     layout, text layouts first for a transformer (prefer_text), the bag of words first otherwise.
     A missing folder or missing files are a DataError that names what is expected and where from."""
     folder = Path(folder)
     where_from = f"Download it from {XC_REPOSITORY} and unpack it there, or pass --data-dir."
     if not folder.is_dir():
-        raise DataError(f"no data set at {folder}: expected a folder with {EXPECTED}. {where_from}")
-    order = [format] if format else ["lf", "raw", "bow"] if prefer_text else ["bow", "raw", "lf"]
+        expected = EXPECTED if format == "auto" else " + ".join(n.replace("|", " or ") for n in LAYOUTS[format].values())
+        raise DataError(f"no data set at {folder}: expected a folder with {expected}. {where_from}")
+    order = [format] if format != "auto" else ["lf", "raw", "bow"] if prefer_text else ["bow", "raw", "lf"]
     found = {layout: layout_files(folder, layout) for layout in order}
     missing = {layout: [LAYOUTS[layout][role].replace("|", " or ") for role in LAYOUTS[layout] if not files[role]]
                for layout, files in found.items()}
@@ -405,7 +406,7 @@ def fingerprint(*parts):
     return digest.hexdigest()[:12]
 
 
-def load(source, format="", augment_labels=False, propensity=(0.55, 1.5)):
+def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5)):
     """A data set: "synthetic" (generated) or a folder (any layout above; `format` forces one).
     Bag-of-words files come with their bags; text data sets keep their texts on disk."""
     if source == "synthetic":
@@ -752,7 +753,7 @@ def token_cache(split, tokenizer_name, max_length, cache_dir):
 # ---------------------------------------------------------------------------------------------
 # Everything a run reads.
 
-def prepare(source, format="", augment_labels=False, propensity=(0.55, 1.5), encoder="bow", max_length=128,
+def prepare(source, format="auto", augment_labels=False, propensity=(0.55, 1.5), encoder="bow", max_length=128,
             max_leaf=None, fallback="."):
     """The data set (load), and what a model reads besides it: bags of words for the bag-of-words
     encoder, label clusters for the aux loss (max_leaf: labels per cluster; None: no clusters),

@@ -8,7 +8,7 @@ One training step, top to bottom (see `train_step`):
      first aux_epochs, then the meta head is no longer computed at all;
   3. backward, optional clipping, AdamW step (two learning rates: encoder / the rest), LR schedule;
   4. every rewire_interval steps until rewire_end of training: a SET rewire of the classifier.
-Before the first step, `prepare` reads the data set and builds what training reads besides: bags
+Before the first step, `data.prepare` reads the data set and builds what training reads besides: bags
 of words, label clusters, token-id caches (kept next to the data for later runs; --dry-run stops
 there and reports sizes and peak memory). Every eval_every epochs: P@k / nDCG@k / PSP@k on the test
 split, a JSON line in <out>/log.jsonl and an atomically written checkpoint (<out>/checkpoint.pt)
@@ -50,7 +50,7 @@ import sparse_layer
 class Config:
     data: str = "synthetic"  # synthetic, a named data set (its folder under data_dir), or a folder
     data_dir: str = "data"
-    format: str = ""  # the folder's layout: bow, raw or lf (data.py); empty: found from its files
+    format: str = "auto"  # the folder's layout: bow, raw or lf (data.py); auto: found from its files
     augment_labels: bool = False  # LF data sets: each label's title is one more training document
     propensity_a: float = 0.55  # PSP@k's propensity constants A, B (Jain et al. 2016) of the data set
     propensity_b: float = 1.5
@@ -92,7 +92,7 @@ class Config:
     eval_batch_size: int = 256
 
     def __post_init__(self):
-        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("", *data.LAYOUTS),
+        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *data.LAYOUTS),
                    "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"),
                    "backend": sparse_layer.BACKENDS}
         for name, allowed in choices.items():
@@ -133,7 +133,7 @@ PRESETS["wiki10-31k"] = dict(PRESETS["amazon670k"], max_length=256, batch_size=3
 def folder_defaults(folder, given):
     """A folder without a preset: its layout, found from its files, and the defaults above."""
     transformer = given.get("encoder", Config.encoder) != "bow"
-    layout, _ = data.detect(data.locate(folder), given.get("format", ""), prefer_text=transformer)
+    layout, _ = data.detect(data.locate(folder), given.get("format", "auto"), prefer_text=transformer)
     if not transformer:
         return dict(BOW_DEFAULTS, format=layout)
     return dict(TRANSFORMER_DEFAULTS, format=layout, **(dict(max_length=32, pooling="mean") if layout == "lf" else {}))

@@ -43,8 +43,9 @@ def test_a_folder_with_two_layouts_is_read_as_the_encoder_needs_unless_forced(tm
 
 def test_missing_or_incomplete_data_sets_say_which_files_and_where_from(tmp_path):
     with pytest.raises(data.DataError) as error:
-        data.detect(data.locate("amazon670k", tmp_path))
+        data.detect(data.locate("amazon670k", tmp_path), format="raw")
     assert str(tmp_path / "Amazon-670K") in str(error.value) and "Extreme Classification Repository" in str(error.value)
+    assert "train_raw_texts.txt or train_texts.txt + train_labels.txt" in str(error.value)
     (tmp_path / "Empty").mkdir()
     with pytest.raises(data.DataError, match="no data set in .*Empty: expected train.txt"):
         data.detect(tmp_path / "Empty")
