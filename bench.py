@@ -153,20 +153,23 @@ def row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size, bandwidth
 
 
 def bench_rewire(args, device):
-    """One SET step (dst.rewire, fraction 0.2) over the whole layer, with AdamW state to reset."""
-    print("| L | D | k | connections rewired | rewire ms (median) |\n|---|---|---|---|---|")
+    """One SET step (dst.rewire, fraction 0.2) over the whole layer with AdamW state: as the release
+    rewires (global pruning, state kept), and per row with the regrown slots' state reset."""
+    print("| L | D | k | rewiring | connections rewired | rewire ms (median) |\n|---|---|---|---|---|---|")
     for fan_in in args.fan_in:
         layer = make_layer("torch", args.labels, args.features, fan_in, torch.float32, device)
         optimizer = torch.optim.AdamW(layer.parameters())
         layer(torch.randn(2, args.features, device=device)).sum().backward()
-        optimizer.step()  # creates the exp_avg / exp_avg_sq state that rewire() must reset
-        times = []
-        for step in range(args.repeats + 1):  # one warm-up
-            with Timer(device) as t:
-                stats = dst.rewire(layer, optimizer, fraction=0.2)
-            times.append(t.ms)
-        print(f"| {args.labels:,} | {args.features} | {fan_in} | {stats['rewired']:,} | "
-              f"{statistics.median(times[1:]):.1f} |", flush=True)
+        optimizer.step()  # creates the exp_avg / exp_avg_sq state that a reset must zero
+        for mode in (dict(scope="global"), dict(scope="row", reset_state=True)):
+            times = []
+            for step in range(args.repeats + 1):  # one warm-up
+                with Timer(device) as t:
+                    stats = dst.rewire(layer, optimizer, fraction=0.2, **mode)
+                times.append(t.ms)
+            described = ", ".join(f"{k} {v}" for k, v in mode.items())
+            print(f"| {args.labels:,} | {args.features} | {fan_in} | {described} | "
+                  f"{stats['rewired']:,} | {statistics.median(times[1:]):.1f} |", flush=True)
 
 
 def bench_memory(args, device):

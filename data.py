@@ -507,16 +507,16 @@ def attach_bags(xmc, splits=("train", "test"), vocabulary=None, idf=None):
 
 
 def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where="<stdin>"):
-    """New documents for predict, as a Split without labels: texts through the training vocabulary
-    and idf when the model was trained on raw text; otherwise "f:v f:v ..." lines as in the
-    bag-of-words files (a leading label field is checked, then ignored). A document with no known
-    word or feature gets an empty bag."""
+    """New documents for a bag-of-words model's predict, as a Split without labels: texts through
+    the training vocabulary and idf when the model was trained on raw text; otherwise "f:v f:v ..."
+    lines as in the bag-of-words files (a leading label field is checked, then ignored). A document
+    with no known word or feature gets an empty bag."""
     if vocabulary is None:
         split = parse_bow_lines(enumerate(lines, start=1), where, num_features, num_labels)
         bags = split.bag_offsets, split.bag_ids, split.bag_values
     else:
         bags = join_bags(text_bags(lines, vocabulary, idf))
-    return Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), *bags, texts=lines)
+    return Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), *bags)
 
 
 # ---------------------------------------------------------------------------------------------

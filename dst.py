@@ -1,14 +1,17 @@
 """Dynamic sparse training of the fixed fan-in layer by SET (paper, Section 3, "Dynamic sparse training").
 
 Sparse Evolutionary Training (Mocanu et al. 2018) lets every label find the input features that
-matter to it. Every `interval` steps, in every row of the layer:
-  1. prune   - drop the connections of smallest |weight|: a fixed fraction of the row, or every
-               weight below a threshold (at most a capped fraction of the row);
-  2. regrow  - connect as many new inputs, drawn uniformly at random among those the row does
-               not use, with weight zero, so the fan-in stays exactly k and no index repeats;
-  3. reset   - zero the optimizer state (Adam moments, SGD momentum) of the regrown slots, so no
-               stale momentum of the pruned weight flows into the new connection.
-How much is rewired decays by a cosine to zero at `end` (a fraction of training): RewireSchedule.
+matter to it. One rewire of a FixedFanInLinear (`rewire`):
+  1. select   - the connections to prune: the smallest |weight|, a fraction of the whole matrix
+                (scope "global", as the official release does) or of every row (scope "row"); or
+                every |weight| below a threshold; optionally at most a cap of each row;
+  2. regrow   - as many new connections in the same rows, at inputs the row does not use, drawn
+                uniformly at random, with weight zero: the fan-in stays exactly k in every row, and
+                no row reads an input twice;
+  3. optimizer state of the regrown slots - kept (as the release does) or zeroed (reset_state), so
+                that no stale momentum of a pruned weight flows into the new connection.
+RewireSchedule says when (every `interval` training batches until `last_batch`) and how much: a
+constant or cosine-decayed fraction, or a threshold decayed by a cosine to a floor.
 
 DST acts on a FixedFanInLinear and its optimizer only; it knows nothing of models or data.
 """
@@ -20,28 +23,53 @@ import torch
 # The regrowth draws a [rows, D] random matrix this many elements at a time, by device type: 16 MB
 # on the CPU; 512 MB on a GPU, where every chunk costs launches and a host sync (nonzero).
 ROW_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+SCOPES = ("global", "row")
 
 
-def prune_counts(weight, fraction=None, threshold=None, max_fraction=None, free_inputs=None):
+def global_counts(magnitudes, total):
+    """Per row, how many of the `total` smallest entries of the whole matrix it holds. Ties at the
+    cut are taken in row-major order, so exactly `total` entries are chosen."""
+    if total == 0:
+        return torch.zeros(magnitudes.shape[0], dtype=torch.int64, device=magnitudes.device)
+    cut = magnitudes.flatten().kthvalue(total).values  # the total-th smallest value
+    below = magnitudes < cut
+    ties = (magnitudes == cut).flatten()
+    ties &= ties.cumsum(0) <= total - below.sum()
+    return below.sum(dim=1) + ties.view_as(magnitudes).sum(dim=1)
+
+
+def prune_counts(weight, fraction=None, threshold=None, scope="global", row_cap=0.0, free_inputs=None):
     """How many connections to prune in each row: [L] int64.
 
-    fraction mode:  floor(fraction * k) in every row;
-    threshold mode: the weights with |w| < threshold, at most floor(max_fraction * k) per row.
-    Never more than the row has free inputs to regrow into (D - k).
+    fraction, scope "global": the floor(fraction * L * k) smallest |w| of the whole matrix;
+    fraction, scope "row":    floor(fraction * k) in every row;
+    threshold:                every |w| < threshold.
+    Then at most floor(row_cap * k) per row when row_cap > 0, and never more than the row has free
+    inputs to regrow into (D - k).
     """
-    fan_in = weight.shape[1]
+    num_labels, fan_in = weight.shape
     if (fraction is None) == (threshold is None):
         raise ValueError("give exactly one of fraction (fraction mode) or threshold (threshold mode)")
-    if fraction is not None:
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        counts = torch.full(weight.shape[:1], math.floor(fraction * fan_in), dtype=torch.int64, device=weight.device)
+    if scope not in SCOPES or not 0 <= row_cap <= 1 or (fraction is not None and not 0 <= fraction <= 1):
+        raise ValueError(f"need scope in {SCOPES}, row_cap and fraction in [0, 1]; "
+                         f"got {scope!r}, {row_cap}, {fraction}")
+    magnitudes = weight.abs()
+    if threshold is not None:
+        counts = (magnitudes < threshold).sum(dim=1)
+    elif scope == "global":
+        counts = global_counts(magnitudes, math.floor(fraction * num_labels * fan_in))
     else:
-        if max_fraction is None or not 0 <= max_fraction <= 1:
-            raise ValueError(f"threshold mode needs max_fraction in [0, 1], got {max_fraction}")
-        below = (weight.abs() < threshold).sum(dim=1)
-        counts = below.clamp(max=math.floor(max_fraction * fan_in))
+        counts = torch.full((num_labels,), math.floor(fraction * fan_in), dtype=torch.int64, device=weight.device)
+    if row_cap > 0:
+        counts = counts.clamp(max=math.floor(row_cap * fan_in))
     return counts if free_inputs is None else counts.clamp(max=free_inputs)
+
+
+def smallest_slots(magnitudes, counts):
+    """[rows, k] bool: the counts[row] slots of smallest magnitude in every row (ties: lower slot
+    first, so that the choice is the same on every run and every device)."""
+    rank = magnitudes.argsort(dim=1, stable=True).argsort(dim=1)
+    return rank < counts[:, None]
 
 
 def sample_unused(indices, count, in_features, generator=None):
@@ -56,45 +84,36 @@ def sample_unused(indices, count, in_features, generator=None):
 
 
 @torch.no_grad()
-def rewire(layer, optimizer=None, fraction=None, threshold=None, max_fraction=None,
+def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global", row_cap=0.0, reset_state=False,
            generator=None, previous_regrown=None):
-    """One SET step on a FixedFanInLinear, vectorised over rows. Returns statistics:
+    """One SET step on a FixedFanInLinear (module docstring), vectorised over rows. Returns:
 
     rewired:   how many connections were pruned and regrown;
     regrown:   [L, k] bool mask of the regrown slots (pass it back as `previous_regrown`);
     survived:  the fraction of the slots regrown by the previous step still alive (None if unknown).
     """
-    weight, indices = layer.weight, layer.indices
-    num_labels, fan_in = weight.shape
-    counts = prune_counts(weight, fraction, threshold, max_fraction, free_inputs=layer.in_features - fan_in)
+    weight, indices, in_features = layer.weight, layer.indices, layer.in_features
+    counts = prune_counts(weight, fraction, threshold, scope, row_cap, free_inputs=in_features - layer.fan_in)
     regrown = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
-    most = int(counts.max()) if num_labels else 0
-    if most > 0:
-        step = max(1, ROW_CHUNK_ELEMENTS.get(weight.device.type, ROW_CHUNK_ELEMENTS["cpu"]) // layer.in_features)
-        for start in range(0, num_labels, step):
-            rows = slice(start, min(start + step, num_labels))
-            _rewire_rows(weight, indices, regrown, rows, counts[rows], most, layer.in_features, generator)
-        if optimizer is not None:
-            reset_optimizer_state(optimizer, weight, regrown)
+    step = max(1, ROW_CHUNK_ELEMENTS.get(weight.device.type, ROW_CHUNK_ELEMENTS["cpu"]) // in_features)
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        most = int(counts[rows].max())
+        if most == 0:
+            continue
+        pruned = smallest_slots(weight[rows].abs(), counts[rows])  # 1. select
+        # 2. regrow: the n-th pruned slot of a row (in slot order) takes the row's n-th new input
+        new_inputs = sample_unused(indices[rows], most, in_features, generator)
+        nth = (pruned.cumsum(dim=1) - 1).clamp(min=0)
+        indices[rows] = torch.where(pruned, new_inputs.gather(1, nth).to(indices.dtype), indices[rows])
+        weight[rows] = weight[rows].masked_fill(pruned, 0.0)
+        regrown[rows] = pruned
+    if reset_state and optimizer is not None:  # 3. optimizer state: zeroed, or kept
+        reset_optimizer_state(optimizer, weight, regrown)
     survived = None
     if previous_regrown is not None and previous_regrown.any():
         survived = float((previous_regrown & ~regrown).sum() / previous_regrown.sum())
     return {"rewired": int(regrown.sum()), "regrown": regrown, "survived": survived}
-
-
-def _rewire_rows(weight, indices, regrown, rows, counts, most, in_features, generator):
-    # Prune: slots in ascending |weight|; a stable sort breaks ties by slot position, so the
-    # choice is the same on every run and every device.
-    slots = weight[rows].abs().argsort(dim=1, stable=True)[:, :most]  # [c, most]
-    # Regrow: candidates for every row, of which row l takes its first counts[l].
-    new_inputs = sample_unused(indices[rows], most, in_features, generator)  # [c, most]
-    take = torch.arange(most, device=weight.device) < counts[:, None]
-    row, rank = take.nonzero(as_tuple=True)
-    slot = slots[row, rank]
-    row = row + rows.start
-    indices[row, slot] = new_inputs[row - rows.start, rank].to(indices.dtype)
-    weight[row, slot] = 0.0
-    regrown[row, slot] = True
 
 
 def reset_optimizer_state(optimizer, weight, slots):
@@ -107,37 +126,36 @@ def reset_optimizer_state(optimizer, weight, slots):
 
 @dataclass
 class RewireSchedule:
-    """When to rewire and how much (paper defaults for Amazon-670K).
+    """When to rewire and how much, in training batches, as the official release counts them.
 
-    Rewire every `interval` steps while step < end * total_steps. The amount rewired, the fraction
-    (fraction mode) or the threshold (threshold mode), decays by a cosine from its initial value
-    at step 0 to zero at end * total_steps; in threshold mode `fraction` caps each row.
+    A rewire follows the optimizer step of every `interval`-th batch while batch <= last_batch (the
+    release: the batches of the first int(0.66 * epochs) epochs). With gradient accumulation, that
+    is the step that closes the window holding such a batch. How much: in fraction mode, `fraction`
+    constant (the release) or decayed by a cosine to 0 at last_batch; in threshold mode
+    (threshold > 0), a threshold decayed by a cosine from `threshold` to `threshold_floor` (the
+    release: 1e-4).
     """
-    total_steps: int
+    last_batch: int
     interval: int = 800
-    end: float = 0.66
     fraction: float = 0.2
-    threshold: float | None = None
+    threshold: float = 0.0
+    fraction_schedule: str = "constant"  # or "cosine"
+    threshold_floor: float = 1e-4
 
     def __post_init__(self):
-        if self.interval < 1 or self.total_steps < 0 or not 0 <= self.end <= 1:
-            raise ValueError(f"need interval >= 1, total_steps >= 0 and end in [0, 1], got {self}")
+        if self.interval < 1 or self.last_batch < 0 or self.fraction_schedule not in ("constant", "cosine"):
+            raise ValueError(f"need interval >= 1, last_batch >= 0 and a constant or cosine schedule, got {self}")
 
-    @property
-    def last_step(self):
-        return self.end * self.total_steps
+    def due(self, batch, window=1):
+        """After the optimizer step that closes the `window` batches ending with batch number `batch`."""
+        return 0 < batch <= self.last_batch and batch // self.interval > (batch - window) // self.interval
 
-    def due(self, step):
-        return step > 0 and step % self.interval == 0 and step < self.last_step
+    def cosine(self, batch):
+        """From 1 at batch 0 to 0 at last_batch."""
+        return 0.5 * (1 + math.cos(math.pi * min(batch / max(self.last_batch, 1), 1.0)))
 
-    def decay(self, step):
-        """Cosine from 1 at step 0 to 0 at the end of rewiring."""
-        if step >= self.last_step:
-            return 0.0
-        return 0.5 * (1 + math.cos(math.pi * step / self.last_step))
-
-    def arguments(self, step):
-        """Keyword arguments of rewire() at this step."""
-        if self.threshold is None:
-            return {"fraction": self.fraction * self.decay(step)}
-        return {"threshold": self.threshold * self.decay(step), "max_fraction": self.fraction}
+    def arguments(self, batch):
+        """Keyword arguments of rewire() at this batch."""
+        if self.threshold > 0:
+            return {"threshold": self.threshold_floor + (self.threshold - self.threshold_floor) * self.cosine(batch)}
+        return {"fraction": self.fraction * (self.cosine(batch) if self.fraction_schedule == "cosine" else 1.0)}

@@ -77,13 +77,13 @@ def metrics(predictions, label_offsets, label_ids, inverse_propensity, ks=KS):
     results = {}
     for k in ks:
         top = relevant[:, :k]
-        results[f"P@{k}"] = 100 * top.sum(1).mean() / k
+        results[f"P@{k}"] = float(100 * top.sum(1).mean() / k)  # plain floats: they go into checkpoints
         ideal = np.concatenate([[0], np.cumsum(discount[:k])])[np.minimum(counts, k)]
         dcg = (top * discount[:k]).sum(1)
-        results[f"nDCG@{k}"] = 100 * np.mean(np.divide(dcg, ideal, out=np.zeros_like(dcg), where=ideal > 0))
+        results[f"nDCG@{k}"] = float(100 * np.mean(np.divide(dcg, ideal, out=np.zeros_like(dcg), where=ideal > 0)))
         gain = (top * inverse_propensity[predictions[:, :k]]).sum()
         best = best_propensity_gain(label_offsets, label_ids, inverse_propensity, k).sum()
-        results[f"PSP@{k}"] = 100 * gain / best if best > 0 else 0.0
+        results[f"PSP@{k}"] = float(100 * gain / best) if best > 0 else 0.0
     return results
 
 
@@ -101,15 +101,18 @@ def evaluate(model, data, batches, device, ks=KS, world=1):
     return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
 
 
-def table(results, ks=KS):
+def table(*evaluations, ks=KS):
+    """Markdown: a row per metric and evaluation, given as (label, results) pairs; columns @k."""
     lines = ["| metric | " + " | ".join(f"@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
     for name in ("P", "nDCG", "PSP"):
-        lines.append(f"| {name} | " + " | ".join(f"{results[f'{name}@{k}']:.2f}" for k in ks) + " |")
+        for label, results in evaluations:
+            lines.append(f"| {name} ({label}) | " + " | ".join(f"{results[f'{name}@{k}']:.2f}" for k in ks) + " |")
     return "\n".join(lines)
 
 
 def load_checkpoint(path):
-    """A checkpoint written by train.py, on the CPU; a missing or damaged file is a one-line error."""
+    """A checkpoint written by train.py, on the CPU; a missing, damaged, foreign or outdated file
+    is a one-line error."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -118,11 +121,27 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or "model_arguments" not in state:
         raise ValueError(f"{path} is not a checkpoint written by train.py")
+    if "max_length" not in state:
+        raise ValueError(f"{path} was written by an older train.py, whose checkpoints this one cannot rebuild")
     return state
 
 
-def load_model(state, device):
-    network = model.build(**state["model_arguments"])
+def encoder_folder(run):
+    """<run>/encoder: a transformer's config and tokenizer, which train.py saves beside its checkpoints."""
+    folder = Path(run) / "encoder"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is missing: train.py saves the encoder's config and tokenizer there, "
+                                f"beside the checkpoints; keep the run's folder together")
+    return str(folder)
+
+
+def load_model(state, device, run):
+    """The checkpoint's model. A transformer is rebuilt from the run's own config (`from_config`) and
+    the checkpoint's weights: neither a model hub nor the original model folder is needed."""
+    arguments = dict(state["model_arguments"])
+    if arguments["encoder"] != "bow":
+        arguments.update(encoder=encoder_folder(run), pretrained=False)
+    network = model.build(**arguments)
     network.load_state_dict(state["model"])
     return network.to(device)
 
@@ -130,34 +149,36 @@ def load_model(state, device):
 def load_for_evaluation(path, batch_size, device):
     """The model of a checkpoint written by train.py, its data set and test batches (bags of words
     through the checkpoint's vocabulary, or tokens from the cache training built)."""
-    state = load_checkpoint(path)
-    if "source" not in state["data_arguments"]:
-        raise ValueError(f"{path} was written by an older train.py, which stored its data set differently")
+    state, run = load_checkpoint(path), Path(path).parent
     xmc = data.load(**state["data_arguments"])
     inputs, tokens = state["inputs"], None
-    if state["tokenizer"] is None:
+    if state["max_length"] is None:
         idf = None if inputs["idf"] is None else inputs["idf"].numpy()
         data.attach_bags(xmc, ("test",), inputs["vocabulary"], idf)
     else:
-        tokens = data.token_cache(xmc.test, **state["tokenizer"], cache_dir=data.cache_dir(xmc, Path(path).parent))
-    return load_model(state, device), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
+        tokens = data.token_cache(xmc.test, encoder_folder(run), state["max_length"], data.cache_dir(xmc, run))
+    return load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
 
 
-def predict(state, lines, k, batch_size, device, where):
-    """Lines "name:score name:score ..." of the top-k labels of each document in `lines`."""
+def predict(state, run, lines, k, batch_size, device, where):
+    """Lines "name:score name:score ..." of the top-k labels of each document in `lines`, by the
+    model of a checkpoint (`state`) in the run folder `run`."""
     if not lines:
         return []
-    inputs = state["inputs"]
-    idf = None if inputs["idf"] is None else inputs["idf"].numpy()
-    shape = state["model_arguments"]
-    split = data.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"], idf, where)
-    empty = int((np.diff(split.bag_offsets) == 0).sum())
-    if empty and state["tokenizer"] is None:
-        print(f"{where}: {empty} documents have no known word or feature; their labels come from the biases alone",
-              file=sys.stderr)
-    tokenizer = state["tokenizer"] and data.load_tokenizer(state["tokenizer"]["tokenizer_name"])
-    tokens = tokenizer and data.tokenize(split.texts, tokenizer, state["tokenizer"]["max_length"])
-    labels, scores = predict_top_k(load_model(state, device), data.batches(split, batch_size, tokens=tokens), k, device)
+    inputs, shape = state["inputs"], state["model_arguments"]
+    if state["max_length"] is None:  # a bag-of-words model: bags through its vocabulary, or f:v lines
+        idf = None if inputs["idf"] is None else inputs["idf"].numpy()
+        split, tokens = data.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"], idf,
+                                       where), None
+        empty = int((np.diff(split.bag_offsets) == 0).sum())
+        if empty:
+            print(f"{where}: {empty} documents have no known word or feature; their labels come from the biases "
+                  f"alone", file=sys.stderr)
+    else:  # a transformer reads the texts through the run's own tokenizer
+        split = data.Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), texts=lines)
+        tokens = data.tokenize(lines, data.load_tokenizer(encoder_folder(run)), state["max_length"])
+    network = load_model(state, device, run)
+    labels, scores = predict_top_k(network, data.batches(split, batch_size, tokens=tokens), k, device)
     names = inputs["label_names"] or range(shape["num_labels"])
     return [" ".join(f"{names[l]}:{s:.4f}" for l, s in zip(row_labels, row_scores))
             for row_labels, row_scores in zip(labels, scores)]
@@ -180,11 +201,12 @@ def main():
             state = load_checkpoint(args.checkpoint)
             where = "<stdin>" if args.predict == "-" else args.predict
             lines = [line for _, line in data.read_lines("/dev/stdin" if args.predict == "-" else args.predict)]
-            for line in predict(state, lines, args.top_k, args.batch_size, args.device, where):
+            run = Path(args.checkpoint).parent
+            for line in predict(state, run, lines, args.top_k, args.batch_size, args.device, where):
                 print(line)
         else:
             network, xmc, test_batches = load_for_evaluation(args.checkpoint, args.batch_size, args.device)
-            print(table(evaluate(network, xmc, test_batches, args.device)))
+            print(table(("test", evaluate(network, xmc, test_batches, args.device))))
     except (ValueError, FileNotFoundError) as error:  # data.DataError is a ValueError
         sys.exit(f"error: {error}")
 

@@ -4,13 +4,17 @@ auxiliary meta-classifier.
   encoder        a pretrained transformer (the paper: bert-base-uncased) or a small bag-of-words
                  encoder that trains from scratch on a CPU;
   intermediate   optional dense layer W (e.g. 4096 wide): a sparse classifier passes little
-                 gradient back to the encoder, a wide dense layer in between restores it;
+                 gradient back to the encoder, a wide dense layer in between restores it. Linear
+                 (as in the release) unless an activation is asked for; its output is cast to
+                 float32, so the classifier computes in float32 under mixed precision;
   classifier     FixedFanInLinear (sparse, the paper's) or nn.Linear (the dense baseline);
   meta           a small dense head from the encoder output to the label clusters; its loss
                  feeds the encoder with gradient while the sparse classifier is still poor, and
                  train.py switches it off partway through training.
 The losses (Section 4) come last: the main loss over all labels, and the meta-classifier's.
 """
+import inspect
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -34,14 +38,23 @@ class BagOfWordsEncoder(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A pretrained transformer (transformers.AutoModel), pooled by [CLS] or by the mean of tokens."""
+    """A pretrained transformer (transformers.AutoModel), pooled by [CLS] or by the mean of tokens.
 
-    def __init__(self, name, pooling="cls", dropout=0.0):
+    Loaded without its pooler (where the model class has one), as the release does: its weights
+    would never get a gradient, which DistributedDataParallel refuses. pretrained=False builds the
+    architecture from the config alone, for a checkpoint that brings its own weights."""
+
+    def __init__(self, name, pooling="cls", dropout=0.0, pretrained=True):
         super().__init__()
-        from transformers import AutoModel  # only needed for this encoder
+        from transformers import AutoConfig, AutoModel  # only needed for this encoder
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        self.transformer = AutoModel.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+        model_class = AutoModel._model_mapping[type(config)]
+        takes_pooler = "add_pooling_layer" in inspect.signature(model_class).parameters
+        no_pooler = {"add_pooling_layer": False} if takes_pooler else {}
+        self.transformer = (AutoModel.from_pretrained(name, **no_pooler) if pretrained
+                            else AutoModel.from_config(config, **no_pooler))
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)  # the paper's embedding dropout
         self.out_features = self.transformer.config.hidden_size
@@ -56,26 +69,29 @@ class TransformerEncoder(nn.Module):
         return self.dropout(pooled)
 
 
+ACTIVATIONS = {"none": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
 def build(encoder, num_features, num_labels, num_clusters=0, dim=256, dropout=0.0, pooling="cls",
-          intermediate=0, sparse=True, fan_in=128, backend="auto"):
+          intermediate=0, intermediate_activation="none", sparse=True, fan_in=128, backend="auto", pretrained=True):
     """The model from plain arguments (train.py stores them in checkpoints for evaluate.py).
-    encoder: "bow" for the bag-of-words encoder, else a transformers model name."""
+    encoder: "bow" for the bag-of-words encoder, else a transformers model name or folder."""
     if encoder == "bow":
         body = BagOfWordsEncoder(num_features, dim, dropout)
     else:
-        body = TransformerEncoder(encoder, pooling, dropout)
-    return XMCModel(body, num_labels, num_clusters, intermediate, sparse, fan_in, backend)
+        body = TransformerEncoder(encoder, pooling, dropout, pretrained)
+    return XMCModel(body, num_labels, num_clusters, intermediate, intermediate_activation, sparse, fan_in, backend)
 
 
 class XMCModel(nn.Module):
-    def __init__(self, encoder, num_labels, num_clusters=0, intermediate=0, sparse=True, fan_in=128,
-                 backend="auto"):
+    def __init__(self, encoder, num_labels, num_clusters=0, intermediate=0, intermediate_activation="none",
+                 sparse=True, fan_in=128, backend="auto"):
         super().__init__()
         self.encoder = encoder
         width = encoder.out_features
         self.intermediate = None
         if intermediate:
-            self.intermediate = nn.Sequential(nn.Linear(width, intermediate), nn.GELU())
+            self.intermediate = nn.Sequential(nn.Linear(width, intermediate), ACTIVATIONS[intermediate_activation]())
             width = intermediate
         if sparse:
             self.classifier = FixedFanInLinear(width, num_labels, min(fan_in, width), backend=backend)
@@ -86,7 +102,7 @@ class XMCModel(nn.Module):
     def forward(self, batch, with_meta=False):
         """Label scores [B, L], and the cluster scores [B, C] when asked (and a meta head exists)."""
         features = self.encoder(batch)
-        hidden = features if self.intermediate is None else self.intermediate(features)
+        hidden = features if self.intermediate is None else self.intermediate(features).float()
         scores = self.classifier(hidden)
         meta_scores = self.meta(features) if with_meta and self.meta is not None else None
         return scores, meta_scores
@@ -116,12 +132,18 @@ def squared_hinge(scores, rows, labels):
 
 
 def bce(scores, rows, labels):
-    """mean binary cross-entropy: softplus(s) for every label, minus s at the positives."""
+    """binary cross-entropy summed over (b, l), as the release (after Renee) computes it:
+    softplus(s) for every label, minus s at the positives."""
     scores = scores.float()
-    return (F.softplus(scores).sum() - scores[rows, labels].sum()) / scores.numel()
+    return F.softplus(scores).sum() - scores[rows, labels].sum()
 
 
-LOSSES = {"squared_hinge": squared_hinge, "bce": bce}
+def bce_mean(scores, rows, labels):
+    """binary cross-entropy, the mean over (b, l) (torch's default reduction)."""
+    return bce(scores, rows, labels) / scores.numel()
+
+
+LOSSES = {"squared_hinge": squared_hinge, "bce": bce, "bce_mean": bce_mean}
 
 
 def meta_loss(meta_scores, rows, labels, clusters):

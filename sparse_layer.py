@@ -342,7 +342,7 @@ class FixedFanInLinear(nn.Module):
     """A linear layer in which each of `out_features` outputs reads `fan_in` of the inputs.
 
     Parameters: weight [L, k] and bias [L]; buffer: indices [L, k] (int32, distinct per row).
-    Initialised like nn.Linear(fan_in, L): U(-1/sqrt(k), 1/sqrt(k)) for weight and bias.
+    Initialised as in the official release: weight U(-1/sqrt(k), 1/sqrt(k)), bias zero.
     """
 
     def __init__(self, in_features, out_features, fan_in, bias=True, backend="auto", generator=None):
@@ -365,7 +365,7 @@ class FixedFanInLinear(nn.Module):
         bound = 1.0 / math.sqrt(self.fan_in)
         self.weight.uniform_(-bound, bound, generator=generator)
         if self.bias is not None:
-            self.bias.uniform_(-bound, bound, generator=generator)
+            self.bias.zero_()
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:

@@ -1,38 +1,46 @@
 """Train an XMC model with a dynamic sparse classifier (the paper's full recipe, Sections 3-5).
 
-One training step, top to bottom (see `train_step`):
+One training step, top to bottom (see `train_step`, called for every batch):
   1. encode the batch, score all labels with the (sparse) classifier, and the label clusters with
      the meta-classifier while the auxiliary loss is on;
   2. loss = (1 - s) * main + s * aux: squared hinge (or BCE) over all labels from the list of
      positives, plus BCE of the cluster scores; s decays from aux_weight to 0 by a cosine over the
      first aux_epochs, then the meta head is no longer computed at all;
-  3. backward, optional clipping, AdamW step (two learning rates: encoder / the rest), LR schedule;
-  4. every rewire_interval steps until rewire_end of training: a SET rewire of the classifier.
-Before the first step, `data.prepare` reads the data set and builds what training reads besides: bags
-of words, label clusters, token-id caches (kept next to the data for later runs; --dry-run stops
-there and reports sizes and peak memory). Every eval_every epochs: P@k / nDCG@k / PSP@k on the test
-split, a JSON line in <out>/log.jsonl and an atomically written checkpoint (<out>/checkpoint.pt)
-from which --resume continues exactly.
+  3. backward; gradients add up over grad_accum batches, then `optimizer_step`: optional clipping,
+     a step of both optimizers (the encoder's, with the meta head and the intermediate layer; the
+     classifier's), their learning rates (`warmup_then_cosine`);
+  4. every rewire_interval batches during the first rewire_end of the epochs: a SET rewire of the
+     classifier (dst.py).
+Before the first step, `data.prepare` reads the data set and builds what training reads besides:
+bags of words, label clusters, token-id caches (kept next to the data for later runs; --dry-run
+stops there and reports the configuration, sizes and peak memory). Every eval_every epochs: P@k /
+nDCG@k / PSP@k on the test split, the best test P@1 kept in <out>/checkpoint.best.pt, and with
+--patience an early stop when test P@3 no longer improves. Every epoch: a JSON line in
+<out>/log.jsonl and an atomically written checkpoint (<out>/checkpoint.pt) from which --resume
+continues exactly. `--data NAME` starts from a preset (presets.py: the paper's six data sets as in
+the official release).
 
 Under torchrun, every process trains a replica (DistributedDataParallel) on its share of each
 batch; gradients are averaged, every replica rewires identically (a shared seed), the test split is
 scored in shares and gathered, and only rank 0 prints and writes.
 
-    python train.py                                   # the embedded synthetic data set, CPU, minutes
-    python train.py --data delicious --data-dir ../shared/data
+    python train.py                                   # the embedded synthetic data set, CPU, a minute
+    python train.py --data ../shared/data/delicious   # any folder in the XC repository's formats
     python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
-    python train.py --data path/to/EURLex-4K          # any folder in the XC repository's formats
     torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # 4 GPUs, same global batch
 """
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +51,7 @@ import data
 import dst
 import evaluate
 import model
+import presets
 import sparse_layer
 
 
@@ -56,112 +65,113 @@ class Config:
     propensity_b: float = 1.5
     out: str = ""  # run directory; default runs/<the data set's name>
     resume: bool = False  # continue from the newest readable checkpoint in <out>
-    dry_run: bool = False  # prepare everything up to the first step, report sizes and peak memory, exit
+    dry_run: bool = False  # prepare everything up to the first step, report, exit
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
-    precision: str = "bf16"  # autocast on a GPU: bf16, fp16 or fp32 (the CPU always runs fp32)
+    precision: str = "bf16"  # autocast on a GPU: bf16, fp16 (with a gradient scaler) or fp32; the CPU runs fp32
+    compile: bool = False  # torch.compile the encoder
     # model
-    encoder: str = "bow"  # bow, or a transformers name such as bert-base-uncased
+    encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder
     dim: int = 256  # width of the bag-of-words encoder
     pooling: str = "cls"  # transformer pooling: cls or mean
     max_length: int = 128  # transformer tokens per document
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the encoder's output
     intermediate: int = 0  # width of the dense intermediate layer (0: none)
+    intermediate_activation: str = "none"  # none (linear, as the release), gelu or relu
     sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
     fan_in: int = 32
     backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple
-    # optimisation
-    loss: str = "squared_hinge"  # or bce
+    # optimisation: two optimizers, as the release
+    loss: str = "squared_hinge"  # squared_hinge, bce (summed over batch and labels, as the release) or bce_mean
     epochs: int = 10
     batch_size: int = 64  # the global batch: under torchrun, each of N processes takes 1/N of it
+    grad_accum: int = 1  # batches whose gradients add up to one optimizer step
+    encoder_optimizer: str = "adamw"  # adamw or adam: the encoder, the meta head, the intermediate layer
     lr_encoder: float = 1e-3
+    weight_decay_encoder: float = 0.01  # not on biases and LayerNorm weights
+    lr_meta: float = 1e-2
+    lr_intermediate: float = 1e-2
+    classifier_optimizer: str = "adamw"  # adamw, or sgd (momentum 0.9)
     lr_classifier: float = 1e-2
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
+    weight_decay_classifier: float = 1e-4
+    warmup_steps: int = 100  # optimizer steps of linear warm-up, then a half cosine to 0
     clip_grad: float = 0.0  # max gradient norm (0: off)
     # auxiliary loss
     aux_weight: float = 0.0  # initial s; 0 switches the meta-classifier off
     aux_epochs: float = 3.0  # s reaches 0 here
     max_leaf: int = 100  # labels per cluster
-    # SET rewiring
-    rewire_interval: int = 100
-    rewire_fraction: float = 0.2  # fraction mode; the cap in threshold mode
-    rewire_threshold: float = 0.0  # > 0: threshold mode
-    rewire_end: float = 0.66
+    # SET rewiring (dst.py; the defaults are the release's semantics)
+    rewire_interval: int = 100  # training batches between rewires
+    rewire_end: float = 0.66  # rewire during the first int(rewire_end * epochs) epochs
+    rewire_fraction: float = 0.2  # fraction mode: of all weights (scope global) or of each row
+    rewire_threshold: float = 0.0  # > 0: threshold mode, prune |w| below it
+    rewire_scope: str = "global"  # fraction mode: global (the smallest |w| of the matrix) or row
+    rewire_fraction_schedule: str = "constant"  # or cosine (decayed to 0 at the end of rewiring)
+    rewire_threshold_floor: float = 1e-4  # threshold mode: the threshold decays by a cosine to this
+    rewire_row_cap: float = 0.0  # > 0: prune at most this fraction of a row
+    rewire_reset_state: bool = False  # zero the optimizer state of regrown slots (the release keeps it)
+    # evaluation
     eval_every: int = 1
     eval_batch_size: int = 256
+    patience: int = 0  # stop after this many evaluations without a better test P@3 (0: never)
 
     def __post_init__(self):
         choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *data.LAYOUTS),
-                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"),
-                   "backend": sparse_layer.BACKENDS}
+                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": sparse_layer.BACKENDS,
+                   "intermediate_activation": tuple(model.ACTIVATIONS), "encoder_optimizer": ("adamw", "adam"),
+                   "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
+                   "rewire_fraction_schedule": ("constant", "cosine")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
-# A folder without a preset trains with these: with the bag-of-words encoder, the values measured
-# on Delicious (README; the aux loss off, as it did not help there); with a transformer, the
-# paper's common recipe.
-BOW_DEFAULTS = dict(epochs=40, dim=1024, dropout=0.5, intermediate=2048, fan_in=128, loss="bce", rewire_interval=200)
-TRANSFORMER_DEFAULTS = dict(max_length=128, batch_size=64, fan_in=128, epochs=50, lr_encoder=1e-5,
-                            lr_classifier=1e-2, warmup_steps=1000, aux_weight=0.4, aux_epochs=15, rewire_interval=800,
-                            rewire_fraction=0.2, rewire_end=0.66, intermediate=0, eval_every=5)
-AMAZON, WIKIPEDIA = dict(propensity_a=0.6, propensity_b=2.6), dict(propensity_a=0.5, propensity_b=0.4)
-PRESETS = {  # the paper's data sets; any value can be overridden
-    "synthetic": dict(epochs=6, dim=256, intermediate=1024, fan_in=32, lr_encoder=2e-3, lr_classifier=1e-2,
-                      warmup_steps=100, rewire_interval=200, aux_weight=0.4, aux_epochs=3),
-    "delicious": dict(BOW_DEFAULTS, format="bow"),
-    "amazon670k": dict(TRANSFORMER_DEFAULTS, encoder="bert-base-uncased", format="raw", **AMAZON),
-    "lf-amazontitles-131k": dict(TRANSFORMER_DEFAULTS, encoder="sentence-transformers/msmarco-distilbert-base-v4",
-                                 format="lf", augment_labels=True, pooling="mean", max_length=32, dropout=0.7,
-                                 batch_size=512, epochs=100, loss="bce", warmup_steps=5000, rewire_interval=1000,
-                                 rewire_fraction=0.15, aux_epochs=12, **AMAZON),
-    "lf-wikiseealso-320k": dict(TRANSFORMER_DEFAULTS, encoder="sentence-transformers/paraphrase-distilroberta-base-v2",
-                                format="lf", augment_labels=True, pooling="mean", max_length=32, dropout=0.55,
-                                batch_size=128, epochs=101, lr_encoder=2e-4, warmup_steps=5000, aux_weight=0.0,
-                                rewire_threshold=0.02, **WIKIPEDIA),
-}
-PRESETS["wiki500k"] = dict(PRESETS["amazon670k"], max_length=256, **WIKIPEDIA)
-PRESETS["amazon3m"] = dict(PRESETS["amazon670k"], max_length=128, epochs=20)
-PRESETS["wiki10-31k"] = dict(PRESETS["amazon670k"], max_length=256, batch_size=32, epochs=30, **WIKIPEDIA)
-
-
 def folder_defaults(folder, given):
-    """A folder without a preset: its layout, found from its files, and the defaults above."""
+    """A folder without a preset: its layout, found from its files, and presets' defaults for it."""
     transformer = given.get("encoder", Config.encoder) != "bow"
     layout, _ = data.detect(data.locate(folder), given.get("format", "auto"), prefer_text=transformer)
     if not transformer:
-        return dict(BOW_DEFAULTS, format=layout)
-    return dict(TRANSFORMER_DEFAULTS, format=layout, **(dict(max_length=32, pooling="mean") if layout == "lf" else {}))
+        return dict(presets.BOW_DEFAULTS, format=layout)
+    lf = dict(max_length=32, pooling="mean") if layout == "lf" else {}
+    return dict(presets.TRANSFORMER_DEFAULTS, format=layout, **lf)
 
 
 def parse_config(argv=None):
     """Config defaults < the data set's preset (or a folder's defaults) < command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
+    for field_ in dataclasses.fields(Config):
+        flag = "--" + field_.name.replace("_", "-")
+        if field_.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, type=field.type, default=None, help=f"default {field.default!r}")
+            parser.add_argument(flag, type=field_.type, default=None, help=f"default {field_.default!r}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     name = given.get("data", Config.data)
-    config = Config(**{**(PRESETS[name] if name in PRESETS else folder_defaults(name, given)), **given})
+    config = Config(**{**(presets.PRESETS[name] if name in presets.PRESETS else folder_defaults(name, given)), **given})
     return dataclasses.replace(config, out=config.out or f"runs/{Path(config.data).name}")
 
 
 # ---------------------------------------------------------------------------------------------
-# The auxiliary loss's weight.
+# Schedules: the auxiliary loss's weight, and the learning rates.
 
 def aux_weight(config, epoch_progress):
     """s: cosine from aux_weight to 0 over the first aux_epochs, then 0 (the meta head is dropped)."""
     if epoch_progress >= config.aux_epochs:
         return 0.0
     return config.aux_weight * 0.5 * (1 + math.cos(math.pi * epoch_progress / config.aux_epochs))
+
+
+def warmup_then_cosine(step, warmup, total):
+    """The learning-rate factor at optimizer step `step`: a linear warm-up from 0 over `warmup`
+    steps, then a half cosine down to 0 at `total` (transformers' get_cosine_schedule_with_warmup,
+    which the release uses for both optimizers)."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,19 +181,43 @@ def aux_weight(config, epoch_progress):
 class Training:
     """Everything a training step touches, and what a checkpoint must restore."""
     network: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    replica: torch.nn.Module  # what a step calls: the network, wrapped in DDP under torchrun
+    optimizers: list  # [the encoder's (with the meta head and the intermediate layer), the classifier's]
+    schedulers: list  # their learning rates, stepped with them
     rewiring: dst.RewireSchedule
     clusters: torch.Tensor | None  # cluster id per label, for the auxiliary loss
     scaler: torch.amp.GradScaler  # loss scaling, active only for fp16 on a GPU
     saved: dict  # how evaluate.py rebuilds data and model from a checkpoint
-    steps_per_epoch: int
-    replica: torch.nn.Module  # what a step calls: the network, wrapped in DDP under torchrun
+    batches_per_epoch: int
     rank: int = 0  # this process, of `world` (torchrun); rank 0 prints and writes
     world: int = 1
-    step: int = 0
+    batch: int = 0  # training batches done
     regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
     survived: float | None = None
+    best: dict = field(default_factory=dict)  # the evaluation of best test P@1, with its epoch
+    best_p3: float = -1.0  # early stopping: the best test P@3, and the evaluations since it
+    stale: int = 0
+
+
+def make_optimizers(config, network):
+    """The release's two optimizers. The encoder's: the encoder's weights with weight decay, its
+    biases and LayerNorm weights without, the meta head and the intermediate layer with learning
+    rates of their own (and the optimizer's default weight decay). The classifier's: AdamW, or SGD
+    with momentum 0.9."""
+    norms = {id(p) for m in network.encoder.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    exempt = {id(p) for n, p in network.encoder.named_parameters() if n.endswith("bias") or id(p) in norms}
+    encoder = list(network.encoder.parameters())
+    groups = [{"params": [p for p in encoder if id(p) not in exempt], "weight_decay": config.weight_decay_encoder},
+              {"params": [p for p in encoder if id(p) in exempt], "weight_decay": 0.0}]
+    for module, lr in ((network.meta, config.lr_meta), (network.intermediate, config.lr_intermediate)):
+        if module is not None:
+            groups.append({"params": list(module.parameters()), "lr": lr})
+    encoder_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.encoder_optimizer]
+    encoder_optimizer = encoder_class([g for g in groups if g["params"]], lr=config.lr_encoder)
+    classifier, lr, decay = network.classifier.parameters(), config.lr_classifier, config.weight_decay_classifier
+    if config.classifier_optimizer == "sgd":
+        return [encoder_optimizer, torch.optim.SGD(classifier, lr=lr, momentum=0.9, weight_decay=decay)]
+    return [encoder_optimizer, torch.optim.AdamW(classifier, lr=lr, weight_decay=decay)]
 
 
 def build(config, source, xmc, clusters, device, rank=0, world=1):
@@ -191,8 +225,11 @@ def build(config, source, xmc, clusters, device, rank=0, world=1):
     arguments = dict(encoder=config.encoder, num_features=xmc.num_features, num_labels=xmc.num_labels,
                      num_clusters=0 if clusters is None else int(clusters.max()) + 1, dim=config.dim,
                      dropout=config.dropout, pooling=config.pooling, intermediate=config.intermediate,
-                     sparse=config.sparse, fan_in=config.fan_in, backend=config.backend)
+                     intermediate_activation=config.intermediate_activation, sparse=config.sparse,
+                     fan_in=config.fan_in, backend=config.backend)
     network = model.build(**arguments).to(device)
+    if config.compile:
+        network.encoder.compile()  # in place: the state dict keeps its names
     replica = network
     if world > 1:
         # DDP copies rank 0's buffers (the indices) once, here, and not before every forward pass
@@ -200,34 +237,41 @@ def build(config, source, xmc, clusters, device, rank=0, world=1):
         # meta head goes idle when the aux loss ends (DDP warns once, at step 1, that all were used).
         replica = torch.nn.parallel.DistributedDataParallel(network, forward_sync_buffers=False,
                                                             find_unused_parameters=network.meta is not None)
-    encoder_params = list(network.encoder.parameters())
-    others = [p for name, p in network.named_parameters() if not name.startswith("encoder.")]
-    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": config.lr_encoder},
-                                   {"params": others, "lr": config.lr_classifier}], weight_decay=config.weight_decay)
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
-    steps_per_epoch = math.ceil(len(xmc.train) // world / (config.batch_size // world))
-    total = steps_per_epoch * config.epochs
-
-    def warmup_then_cosine(step):
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, total - config.warmup_steps)))
-
-    tokenizer = None if config.encoder == "bow" else dict(tokenizer_name=config.encoder, max_length=config.max_length)
+    batches_per_epoch = math.ceil(len(xmc.train) // world / (config.batch_size // world))
+    total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
+    optimizers = make_optimizers(config, network)
+    schedule = functools.partial(warmup_then_cosine, warmup=config.warmup_steps, total=total_steps)
     bow_inputs = config.encoder == "bow" and xmc.vocabulary is not None  # a bag-of-words model of raw text
     inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow_inputs else None,
                   idf=torch.from_numpy(xmc.idf) if bow_inputs else None)
     return Training(
-        network=network, replica=replica, rank=rank, world=world, optimizer=optimizer, clusters=clusters,
-        steps_per_epoch=steps_per_epoch,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine),
-        rewiring=dst.RewireSchedule(total, config.rewire_interval, config.rewire_end, config.rewire_fraction,
-                                    config.rewire_threshold or None),
-        scaler=torch.amp.GradScaler(enabled=device.type == "cuda" and config.precision == "fp16"),
-        saved=dict(model_arguments=arguments, tokenizer=tokenizer, inputs=inputs,
+        network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
+        batches_per_epoch=batches_per_epoch,
+        schedulers=[torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers],
+        rewiring=dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch, config.rewire_interval,
+                                    config.rewire_fraction, config.rewire_threshold, config.rewire_fraction_schedule,
+                                    config.rewire_threshold_floor),
+        scaler=torch.amp.GradScaler(device.type, init_scale=2**12,
+                                    enabled=device.type == "cuda" and config.precision == "fp16"),
+        saved=dict(model_arguments=arguments, inputs=inputs,
+                   max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
                                        propensity=(config.propensity_a, config.propensity_b))))
+
+
+def save_encoder(config, network, out):
+    """A transformer's config and tokenizer, into <out>/encoder (written whole, then renamed):
+    evaluate.py and --predict rebuild the model from them and the checkpoint's weights, with no
+    model hub and no original folder."""
+    folder = out / "encoder"
+    if config.encoder == "bow" or folder.exists():
+        return
+    temporary = out / f".encoder.tmp{os.getpid()}"
+    data.load_tokenizer(config.encoder).save_pretrained(temporary)
+    network.encoder.transformer.config.save_pretrained(temporary)
+    os.replace(temporary, folder)
 
 
 def seed_of(*parts):
@@ -236,24 +280,25 @@ def seed_of(*parts):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: <out>/checkpoint.pt, the newest, and <out>/checkpoint.previous.pt, the one before.
+# Checkpoints: <out>/checkpoint.pt, the newest, <out>/checkpoint.previous.pt, the one before, and
+# <out>/checkpoint.best.pt, the epoch of best test P@1.
 
 def checkpoint_files(out):
     """Newest first: the order in which --resume tries them."""
     return [Path(out) / "checkpoint.pt", Path(out) / "checkpoint.previous.pt"]
 
 
-def save_checkpoint(path, state):
+def save_checkpoint(path, state, keep_previous=True):
     """Write to a temporary file and flush it to disk; then the current checkpoint becomes the
-    previous one, and the temporary file the current one (renames are atomic). A kill at any moment
-    leaves at least one complete checkpoint and never half of one; between the two renames only
-    the previous one exists, and --resume falls back to it."""
+    previous one (keep_previous), and the temporary file the current one (renames are atomic). A
+    kill at any moment leaves at least one complete checkpoint and never half of one; between the
+    two renames only the previous one exists, and --resume falls back to it."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(temporary, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    if path.exists():
+    if keep_previous and path.exists():
         os.replace(path, checkpoint_files(path.parent)[1])
     os.replace(temporary, path)
     directory = os.open(path.parent, os.O_RDONLY)  # make the renames themselves durable
@@ -273,8 +318,9 @@ def load_latest_checkpoint(out):
 
 
 def checkpoint_state(t, epoch, config):
-    return {"model": t.network.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-            "scaler": t.scaler.state_dict(), "epoch": epoch, "step": t.step, "regrown": t.regrown,
+    return {"model": t.network.state_dict(), "optimizers": [o.state_dict() for o in t.optimizers],
+            "schedulers": [s.state_dict() for s in t.schedulers], "scaler": t.scaler.state_dict(), "epoch": epoch,
+            "batch": t.batch, "regrown": t.regrown, "best": t.best, "best_p3": t.best_p3, "stale": t.stale,
             "config": dataclasses.asdict(config), **t.saved}
 
 
@@ -305,10 +351,12 @@ def trim_log(path, last_epoch):
 def restore(t, state):
     """The inverse of checkpoint_state; returns the epoch to continue with."""
     t.network.load_state_dict(state["model"])
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
+    for objects, key in ((t.optimizers, "optimizers"), (t.schedulers, "schedulers")):
+        for thing, saved in zip(objects, state[key]):
+            thing.load_state_dict(saved)
     t.scaler.load_state_dict(state["scaler"])
-    t.step, t.regrown = state["step"], state["regrown"]
+    t.batch, t.regrown, t.best = state["batch"], state["regrown"], state["best"]
+    t.best_p3, t.stale = state["best_p3"], state["stale"]
     if t.regrown is not None:  # saved from the GPU, loaded to the CPU (map_location): back beside the weights
         t.regrown = t.regrown.to(next(t.network.parameters()).device)
     return state["epoch"] + 1
@@ -317,60 +365,89 @@ def restore(t, state):
 # ---------------------------------------------------------------------------------------------
 # Training.
 
-def train_step(config, t, batch, device):
-    """One step (module docstring, 1-4); returns (s, [total, main, aux] loss, connections rewired)."""
-    s = aux_weight(config, t.step / t.steps_per_epoch)
+def train_step(config, t, batch, device, window, last):
+    """One batch (module docstring, 1-4); `last`: it closes a window of `window` batches, whose
+    gradients add up to one optimizer step. Returns (s, [total, main, aux] loss, connections rewired)."""
+    s = aux_weight(config, t.batch / t.batches_per_epoch)
     autocast = device.type == "cuda" and config.precision in ("bf16", "fp16")
     with torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
                         enabled=autocast):
         scores, meta_scores = t.replica(batch, with_meta=s > 0)
     main = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
-    aux = model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0 else main.new_zeros(())
+    aux = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0
+           else main.new_zeros(()))
     loss = (1 - s) * main + s * aux
     losses = torch.stack([loss.detach(), main.detach(), aux.detach()])
     if t.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)
         losses /= t.world
     if not torch.isfinite(losses[0]):
-        raise FloatingPointError(f"loss is {losses[0].item()} at step {t.step}; stopping before any checkpoint "
+        raise FloatingPointError(f"loss is {losses[0].item()} at batch {t.batch}; stopping before any checkpoint "
                                  f"is overwritten")
-
-    t.optimizer.zero_grad(set_to_none=True)
-    t.scaler.scale(loss).backward()
-    if config.clip_grad > 0:
-        t.scaler.unscale_(t.optimizer)
-        torch.nn.utils.clip_grad_norm_(t.network.parameters(), config.clip_grad)
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.scheduler.step()
-    t.step += 1
-
+    # DDP averages the gradients across processes once a window, at its last backward pass
+    with contextlib.nullcontext() if last or t.world == 1 else t.replica.no_sync():
+        t.scaler.scale(loss / window).backward()
+    t.batch += 1
     rewired = 0
-    if config.sparse and t.rewiring.due(t.step):
-        # Seeded by the step alone: every replica draws the same new connections, and a resumed run
-        # the same as an uninterrupted one.
-        generator = torch.Generator(device).manual_seed(seed_of(config.seed, t.step))
-        stats = dst.rewire(t.network.classifier, t.optimizer, previous_regrown=t.regrown, generator=generator,
-                           **t.rewiring.arguments(t.step))
-        t.regrown, t.survived, rewired = stats["regrown"], stats["survived"], stats["rewired"]
+    if last:
+        optimizer_step(config, t)
+        if config.sparse and t.rewiring.due(t.batch, window):
+            rewired = rewire(config, t, device)
     return s, losses, rewired
 
 
+def optimizer_step(config, t):
+    if config.clip_grad > 0:
+        for optimizer in t.optimizers:
+            t.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(t.network.parameters(), config.clip_grad)
+    for optimizer, scheduler in zip(t.optimizers, t.schedulers):
+        t.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    t.scaler.update()
+
+
+def rewire(config, t, device):
+    """A SET rewire of the classifier. Seeded by the batch alone: every replica draws the same new
+    connections, and a resumed run the same as an uninterrupted one."""
+    generator = torch.Generator(device).manual_seed(seed_of(config.seed, t.batch))
+    stats = dst.rewire(t.network.classifier, t.optimizers[1], scope=config.rewire_scope,
+                       row_cap=config.rewire_row_cap, reset_state=config.rewire_reset_state, generator=generator,
+                       previous_regrown=t.regrown, **t.rewiring.arguments(t.batch))
+    t.regrown, t.survived = stats["regrown"], stats["survived"]
+    return stats["rewired"]
+
+
 def train_epoch(config, t, epoch, split, tokens, device):
-    """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages."""
+    """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages.
+    Windows of grad_accum batches; the last one of the epoch may be shorter."""
     t.network.train()
     torch.manual_seed(seed_of(config.seed, epoch, t.rank))  # dropout: fixed per epoch (exact resume), new per rank
     totals, rewired = torch.zeros(3, dtype=torch.float64), 0
     batches = data.batches(split, config.batch_size // t.world, shuffle=True, seed=config.seed, epoch=epoch,
                            tokens=tokens, rank=t.rank, world=t.world, even=True)
-    progress = tqdm(batches, total=t.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
+    progress = tqdm(batches, total=t.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
                     disable=None if t.rank == 0 else True, leave=False)
-    for count, batch in enumerate(progress, start=1):
-        s, losses, step_rewired = train_step(config, t, batch.to(device), device)
+    for number, batch in enumerate(progress, start=1):
+        before = (number - 1) // config.grad_accum * config.grad_accum  # batches of the epoch before this window
+        window = min(config.grad_accum, t.batches_per_epoch - before)
+        s, losses, step_rewired = train_step(config, t, batch.to(device), device, window, number - before == window)
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
-        progress.set_postfix(loss=f"{totals[0] / count:.4g}", s=f"{s:.2f}", refresh=False)
-    loss, main, aux = (totals / t.steps_per_epoch).tolist()
+        progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
+    loss, main, aux = (totals / t.batches_per_epoch).tolist()
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
+
+
+def keep_best(config, t, epoch, results):
+    """After an evaluation: remember the best test P@1 (the caller saves checkpoint.best.pt when
+    this returns True), and count evaluations without a better test P@3 (--patience)."""
+    t.stale = 0 if results["P@3"] > t.best_p3 else t.stale + 1
+    t.best_p3 = max(t.best_p3, results["P@3"])
+    if results["P@1"] > t.best.get("P@1", -1.0):
+        t.best = {"epoch": epoch + 1, **results}
+        return True
+    return False
 
 
 def memory_report(network, device):
@@ -400,15 +477,18 @@ def run(config, stop_after_epoch=None):
     """Train (or resume) and return the final metrics. stop_after_epoch ends early (tests)."""
     rank, world, device = start_processes(config)
     try:
-        return train_and_evaluate(config, rank, world, device, stop_after_epoch)
+        results = train_and_evaluate(config, rank, world, device, stop_after_epoch)
+        if world > 1:  # leave together: a process that tears gloo down while another still talks to it can abort
+            torch.distributed.barrier()
+        return results
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
 
 
 def dry_run(xmc, t, tokens, seconds, device):
-    """--dry-run: the sizes of what training would read and hold, how long preparing took (seconds)
-    and the process's peak resident memory, printed as JSON (bench.py reads it)."""
+    """--dry-run, once everything is prepared: the sizes of what training would read and hold, how
+    long preparing took (seconds) and the process's peak resident memory, as JSON (bench.py reads it)."""
     report = {"train_documents": len(xmc.train), "test_documents": len(xmc.test), "labels": xmc.num_labels,
               "features": xmc.num_features, "clusters": 0 if t.clusters is None else int(t.clusters.max()) + 1,
               "token_cache_MB": sum(rows.nbytes for rows in (tokens or {}).values()) / 2**20,
@@ -428,6 +508,8 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         found = (existing or [out / "log.jsonl"])[0]
         raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
 
+    if config.dry_run:  # first what a preset plus flags amount to, one `name = value` line per field
+        print("\n".join(f"{name} = {value!r}" for name, value in dataclasses.asdict(config).items()))
     started = time.time()
     source = data.locate(config.data, config.data_dir)
     if rank > 0:  # under torchrun, rank 0 builds the caches first, then the others find them built
@@ -450,7 +532,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         path, state = load_latest_checkpoint(out)
         check_compatible(path, state, t, config)
         first_epoch = restore(t, state)
-        print(f"resumed from {path} after epoch {first_epoch} (step {t.step})")
+        print(f"resumed from {path} after epoch {first_epoch} (batch {t.batch})")
     memory = memory_report(t.network, device)
     print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
           f"state {memory['classifier_MB']:.1f} MB (dense: {memory['dense_classifier_MB']:.1f} MB); device {device}"
@@ -460,32 +542,45 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".checkpoint*.tmp*"):  # left by a run killed while writing
             stale.unlink()
+        for stale in out.glob(".encoder.tmp*"):
+            shutil.rmtree(stale)
+        save_encoder(config, t.network, out)
         if config.resume and (out / "log.jsonl").exists():
             trim_log(out / "log.jsonl", first_epoch)
-    results = {}
+    results, epoch = {}, first_epoch - 1
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
         record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device)
+        if not all(bool(torch.isfinite(p).all()) for p in t.network.parameters()):
+            raise FloatingPointError(f"non-finite weights after batch {t.batch}; the checkpoint of the epoch before "
+                                     f"is kept")
+        evaluated, improved = {}, False
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
             test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens["test"], rank=rank, world=world)
-            results = evaluate.evaluate(t.network, xmc, test, device, world=world)
-        record |= {"epoch": epoch + 1, "step": t.step, "survived": t.survived,
-                   "lr": [g["lr"] for g in t.optimizer.param_groups], "seconds": time.time() - epoch_start,
-                   **memory_report(t.network, device), **results}
+            results = evaluated = evaluate.evaluate(t.network, xmc, test, device, world=world)
+            improved = keep_best(config, t, epoch, evaluated)
+        record |= {"epoch": epoch + 1, "batch": t.batch, "survived": t.survived if record["rewired"] else None,
+                   "lr": [g["lr"] for optimizer in t.optimizers for g in optimizer.param_groups],
+                   "seconds": time.time() - epoch_start, **memory_report(t.network, device), **evaluated,
+                   "best_epoch": t.best.get("epoch"), "best_P@1": t.best.get("P@1")}
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
-              f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if results else ""))
-        if not all(bool(torch.isfinite(p).all()) for p in t.network.parameters()):
-            raise FloatingPointError(f"non-finite weights after step {t.step}; the checkpoint of the epoch before "
-                                     f"is kept")
+              f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else ""))
         if rank == 0:
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
-            save_checkpoint(out / "checkpoint.pt", checkpoint_state(t, epoch, config))
+            state = checkpoint_state(t, epoch, config)
+            if improved:
+                save_checkpoint(out / "checkpoint.best.pt", state, keep_previous=False)
+            save_checkpoint(out / "checkpoint.pt", state)
+        if config.patience and t.stale >= config.patience:
+            print(f"early stop: test P@3 has not improved for {t.stale} evaluations")
+            break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return results
     print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, "
-          f"{config.epochs} epochs in {time.time() - started:.0f}s:")
-    print(evaluate.table(results))
+          f"{epoch + 1} epochs in {time.time() - started:.0f}s:")
+    if results:
+        print(evaluate.table((f"last, epoch {epoch + 1}", results), (f"best P@1, epoch {t.best['epoch']}", t.best)))
     if device.type == "cuda":
         print(f"peak GPU memory {memory_report(t.network, device)['peak_gpu_MB']:.0f} MB")
     return results

@@ -60,13 +60,14 @@ WORDS = "red green blue apple pie sky sea fruit un ##ripe ##s".split()
 
 
 def tiny_bert(directory, words=WORDS, hidden=16):
-    """A tiny random BERT and its WordPiece tokenizer, saved in `directory` (offline stand-ins for
-    bert-base-uncased); returns the directory."""
+    """A tiny random BERT (without dropout) and its WordPiece tokenizer, saved in `directory`
+    (offline stand-ins for bert-base-uncased); returns the directory."""
     import transformers
     vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)
     transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)}).save_pretrained(directory)
     config = transformers.BertConfig(vocab_size=len(vocabulary), hidden_size=hidden, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=2 * hidden)
+                                     num_attention_heads=2, intermediate_size=2 * hidden, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)  # no dropout: runs can be compared
     transformers.BertModel(config).save_pretrained(directory)
     return directory
 

@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from conftest import tiny_bert
 
 HELPER = Path(__file__).resolve().parent / "tiny_train.py"
 # Two epochs of 19 steps: the aux loss is on in the first, off in the second (an idle meta head
@@ -15,15 +18,17 @@ FLAGS = ["--epochs", "2", "--dim", "32", "--intermediate", "64", "--fan-in", "8"
          "--max-leaf", "20", "--dropout", "0", "--device", "cpu"]
 
 
-def launch(command, out):
-    finished = subprocess.run(command + ["--out", str(out)] + FLAGS, capture_output=True, text=True, timeout=600)
+def launch(command, out, flags=FLAGS):
+    finished = subprocess.run(command + ["--out", str(out)] + flags, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     return finished.stdout
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER)]
+
+
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER)]
-    output = launch(torchrun, tmp_path / "two")
+    output = launch(TORCHRUN, tmp_path / "two")
     launch([sys.executable, str(HELPER)], tmp_path / "one")
 
     ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -44,5 +49,26 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     for two, one in zip(*logs):
         assert abs(two["loss"] - one["loss"]) < 1e-5 * one["loss"]  # the global batch's loss, not one share's
     assert output.count("epoch 1:") == 1  # only rank 0 prints
-    assert sorted(p.name for p in (tmp_path / "two").glob("*checkpoint*")) == ["checkpoint.previous.pt",
-                                                                               "checkpoint.pt"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("*checkpoint*")) == ["checkpoint.best.pt",
+                                                                               "checkpoint.previous.pt", "checkpoint.pt"]
+
+
+def test_a_transformer_without_the_aux_loss_trains_under_torchrun(tmp_path):
+    """The pretrained model's pooler never gets a gradient, which DDP refuses at the second step;
+    the encoder is loaded without it. 2 processes against 1, a tiny local BERT, aux loss off."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "Tiny"
+    folder.mkdir()
+    for split, count in (("train", 64), ("test", 16)):
+        texts = [" ".join(rng.choice("red green blue apple pie sky sea fruit".split(), 4)) for _ in range(count)]
+        (folder / f"{split}_raw_texts.txt").write_text("".join(t + "\n" for t in texts))
+        (folder / f"{split}_labels.txt").write_text("".join(t.split()[0].upper() + "\n" for t in texts))
+    flags = ["--data", str(folder), "--encoder", str(tiny_bert(tmp_path / "bert")), "--max-length", "8",
+             "--epochs", "2", "--batch-size", "16", "--fan-in", "4", "--aux-weight", "0", "--dropout", "0",
+             "--rewire-interval", "2", "--warmup-steps", "1", "--device", "cpu"]
+    launch(TORCHRUN, tmp_path / "two", flags)
+    launch([sys.executable, str(HELPER)], tmp_path / "one", flags)
+    two, one = (torch.load(tmp_path / run / "rank0.pt", weights_only=True) for run in ("two", "one"))
+    assert two["model"]["classifier.indices"].equal(one["model"]["classifier.indices"])
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -35,22 +35,26 @@ def check_row_invariants(layer):
     assert bool((indices.sort(dim=1).values.diff(dim=1) > 0).all()), "a row repeats an index"
 
 
-@settings(max_examples=100, deadline=None)
-@given(layers(), st.floats(0, 1), st.integers(0, 2**31), st.sampled_from([None, 7, 40]))
-def test_fraction_mode_prunes_the_smallest_and_regrows_unused_at_zero(layer, fraction, seed, chunk):
-    before_weight, before_indices = layer.weight.detach().clone(), layer.indices.clone()
-    weight = layer.weight.detach()
-    k, free = layer.fan_in, layer.in_features - layer.fan_in
-    with mock.patch.dict(dst.ROW_CHUNK_ELEMENTS, {"cpu": chunk or dst.ROW_CHUNK_ELEMENTS["cpu"]}):
-        stats = rewire(layer, fraction=fraction, generator=torch.Generator().manual_seed(seed))
+def brute_force_global(weight, fraction):
+    """Per row, the slots among the floor(fraction * L * k) smallest |w| of the whole matrix, ties
+    broken in row-major order (plain sorting of (|w|, row, slot))."""
+    rows, fan_in = weight.shape
+    order = sorted((abs(float(weight[r, j])), r, j) for r in range(rows) for j in range(fan_in))
+    chosen = [set() for _ in range(rows)]
+    for _, r, j in order[:int(fraction * rows * fan_in)]:
+        chosen[r].add(j)
+    return chosen
 
+
+def check_rewired(layer, before_weight, before_indices, stats, expected):
+    """Invariants, and: exactly the expected slots pruned, regrown at unused inputs with weight 0."""
     check_row_invariants(layer)
-    count = min(int(fraction * k), free)
-    assert stats["rewired"] == count * layer.out_features
+    weight = layer.weight.detach()
+    assert stats["rewired"] == sum(len(slots) for slots in expected)
     for row in range(layer.out_features):
         pruned = set(stats["regrown"][row].nonzero().flatten().tolist())
-        assert pruned == brute_force_pruned(before_weight[row], count)
-        for slot in range(k):
+        assert pruned == expected[row]
+        for slot in range(layer.fan_in):
             if slot in pruned:
                 assert float(weight[row, slot]) == 0.0
                 assert int(layer.indices[row, slot]) not in before_indices[row].tolist(), "regrew a used input"
@@ -60,16 +64,31 @@ def test_fraction_mode_prunes_the_smallest_and_regrows_unused_at_zero(layer, fra
 
 
 @settings(max_examples=100, deadline=None)
-@given(layers(), st.floats(0, 3), st.floats(0, 1))
-def test_threshold_mode_prunes_below_threshold_up_to_the_cap(layer, threshold, max_fraction):
-    before_weight = layer.weight.detach().clone()
-    stats = rewire(layer, threshold=threshold, max_fraction=max_fraction)
-    check_row_invariants(layer)
-    cap = min(int(max_fraction * layer.fan_in), layer.in_features - layer.fan_in)
-    for row in range(layer.out_features):
-        below = int((before_weight[row].abs() < threshold).sum())
-        pruned = set(stats["regrown"][row].nonzero().flatten().tolist())
-        assert pruned == brute_force_pruned(before_weight[row], min(below, cap))
+@given(layers(), st.floats(0, 1), st.sampled_from(["global", "row"]), st.sampled_from([0.0, 0.3]),
+       st.integers(0, 2**31), st.sampled_from([None, 7, 40]))
+def test_fraction_mode_prunes_the_smallest_and_regrows_unused_at_zero(layer, fraction, scope, row_cap, seed, chunk):
+    """scope "global": the smallest |w| of the whole matrix (the release); "row": of every row.
+    Then at most row_cap of a row, and never more than the row's free inputs."""
+    before_weight, before_indices = layer.weight.detach().clone(), layer.indices.clone()
+    k, free = layer.fan_in, layer.in_features - layer.fan_in
+    with mock.patch.dict(dst.ROW_CHUNK_ELEMENTS, {"cpu": chunk or dst.ROW_CHUNK_ELEMENTS["cpu"]}):
+        stats = rewire(layer, fraction=fraction, scope=scope, row_cap=row_cap,
+                       generator=torch.Generator().manual_seed(seed))
+    chosen = (brute_force_global(before_weight, fraction) if scope == "global"
+              else [range(int(fraction * k))] * len(before_weight))
+    cap = min(int(row_cap * k) if row_cap else k, free)
+    expected = [brute_force_pruned(row, min(len(slots), cap)) for row, slots in zip(before_weight, chosen)]
+    check_rewired(layer, before_weight, before_indices, stats, expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(layers(), st.floats(0, 3), st.sampled_from([0.0, 0.25, 1.0]))
+def test_threshold_mode_prunes_below_the_threshold_with_and_without_a_cap(layer, threshold, row_cap):
+    before_weight, before_indices = layer.weight.detach().clone(), layer.indices.clone()
+    stats = rewire(layer, threshold=threshold, row_cap=row_cap)
+    cap = min(int(row_cap * layer.fan_in) if row_cap else layer.fan_in, layer.in_features - layer.fan_in)
+    expected = [brute_force_pruned(row, min(int((row.abs() < threshold).sum()), cap)) for row in before_weight]
+    check_rewired(layer, before_weight, before_indices, stats, expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -96,7 +115,10 @@ def test_optimizer_state_is_reset_at_regrown_slots_only(make_optimizer):
     optimizer.step()
     state = {name: value.clone() for name, value in optimizer.state[layer.weight].items() if torch.is_tensor(value)}
     bias_state = {name: value.clone() for name, value in optimizer.state[layer.bias].items() if torch.is_tensor(value)}
-    stats = rewire(layer, optimizer, fraction=0.3)
+    rewire(layer, optimizer, fraction=0.3)  # the release keeps the state of regrown slots
+    for name, value in optimizer.state[layer.weight].items():
+        assert not torch.is_tensor(value) or torch.equal(value, state[name]), name
+    stats = rewire(layer, optimizer, fraction=0.3, scope="row", reset_state=True)
     regrown = stats["regrown"]
     assert stats["rewired"] == 20 * 3
     for name, value in optimizer.state[layer.weight].items():
@@ -135,27 +157,38 @@ def test_a_full_layer_has_nothing_to_regrow_into():
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(fraction=0.1, threshold=0.1), dict(fraction=1.5),
-                                    dict(threshold=0.1), dict(threshold=0.1, max_fraction=2)])
+                                    dict(threshold=0.1, row_cap=2), dict(fraction=0.1, scope="column")])
 def test_rewire_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         rewire(FixedFanInLinear(6, 4, 2), **kwargs)
 
 
-def test_schedule_boundaries_and_cosine_decay():
-    schedule = RewireSchedule(total_steps=10_000, interval=800, end=0.66, fraction=0.2)
-    due = [step for step in range(10_001) if schedule.due(step)]
-    assert due == list(range(800, 6600, 800))  # never at step 0, never at or after 0.66 of training
-    assert schedule.decay(0) == 1.0 and schedule.decay(6600) == 0.0 and schedule.decay(9999) == 0.0
-    assert schedule.decay(3300) == pytest.approx(0.5)
-    values = [schedule.decay(step) for step in range(0, 6600, 100)]
-    assert values == sorted(values, reverse=True)
-    assert schedule.arguments(0) == {"fraction": 0.2}
-    threshold = RewireSchedule(total_steps=100, interval=10, threshold=0.01, fraction=0.3)
-    assert threshold.arguments(0) == {"threshold": 0.01, "max_fraction": 0.3}
-    assert threshold.arguments(33)["threshold"] == pytest.approx(0.005)
+def test_schedule_counts_batches_until_last_batch_with_cosine_decays():
+    schedule = RewireSchedule(last_batch=6600, interval=800, fraction=0.2)
+    due = [batch for batch in range(10_001) if schedule.due(batch)]
+    assert due == list(range(800, 6601, 800))  # never at batch 0, never after last_batch
+    assert schedule.arguments(0) == schedule.arguments(6000) == {"fraction": 0.2}  # the release: constant
+    cosine = RewireSchedule(last_batch=6600, interval=800, fraction=0.2, fraction_schedule="cosine")
+    assert cosine.arguments(0)["fraction"] == 0.2 and cosine.arguments(3300)["fraction"] == pytest.approx(0.1)
+    values = [cosine.cosine(batch) for batch in range(0, 6601, 100)]
+    assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(0)
+    threshold = RewireSchedule(last_batch=100, interval=10, threshold=0.01)  # the release: to 1e-4
+    assert threshold.arguments(0) == {"threshold": 0.01}
+    assert threshold.arguments(50)["threshold"] == pytest.approx(1e-4 + (0.01 - 1e-4) / 2)
+    assert threshold.arguments(100)["threshold"] == pytest.approx(1e-4)
+    assert RewireSchedule(last_batch=100, interval=10, threshold=0.01, threshold_floor=0).arguments(100)["threshold"] \
+        == pytest.approx(0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(interval=0), dict(end=1.5), dict(total_steps=-1)])
+def test_with_gradient_accumulation_the_step_closing_the_window_rewires():
+    """Interval 1500 batches, windows of 2 (Amazon-3M) or 8: the release counts batches, and the
+    rewire follows the optimizer step of the window that holds batch 1500, 3000, ..."""
+    schedule = RewireSchedule(last_batch=10_000, interval=1500)
+    assert [b for b in range(2, 10_001, 2) if schedule.due(b, window=2)] == list(range(1500, 10_001, 1500))
+    assert [b for b in range(8, 10_001, 8) if schedule.due(b, window=8)] == [1504, 3000, 4504, 6000, 7504, 9000]
+
+
+@pytest.mark.parametrize("kwargs", [dict(interval=0), dict(last_batch=-1), dict(fraction_schedule="linear")])
 def test_schedule_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
-        RewireSchedule(**{"total_steps": 100, **kwargs})
+        RewireSchedule(**{"last_batch": 100, **kwargs})

@@ -2,9 +2,11 @@
 import dataclasses
 import functools
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 import data
 import evaluate
 import model
+import presets
 import train
 from conftest import SPLITS, TINY, tiny_bert, write_data_set
 
@@ -39,7 +42,9 @@ def test_losses_match_their_dense_definitions():
     y = dense_labels(scores, rows, labels)
     signs = 2 * y - 1
     torch.testing.assert_close(model.squared_hinge(scores, rows, labels), torch.relu(1 - signs * scores).square().mean())
-    torch.testing.assert_close(model.bce(scores, rows, labels),
+    torch.testing.assert_close(model.bce(scores, rows, labels),  # the release's: a sum
+                               torch.nn.functional.binary_cross_entropy_with_logits(scores, y, reduction="sum"))
+    torch.testing.assert_close(model.bce_mean(scores, rows, labels),
                                torch.nn.functional.binary_cross_entropy_with_logits(scores, y))
     clusters = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
     meta = torch.randn(6, 4, generator=generator)
@@ -63,6 +68,83 @@ def test_presets_and_command_line_overrides():
     assert train.parse_config([]).data == "synthetic"
 
 
+# The official release's recipe, value by value, as ../shared/reference/official-release.md gives it
+# (xmc-aalto/NeurIPS24-dst, config/dataset/*.yaml), in Config's terms: one column of the table per data set.
+RELEASE_TABLE = {
+    "encoder": ["bert-base-uncased"] * 4 + ["sentence-transformers/msmarco-distilbert-base-v4",
+                                            "sentence-transformers/paraphrase-distilroberta-base-v2"],
+    "pooling": ["mean", "mean", "cls", "cls", "mean", "mean"],
+    "max_length": [128, 128, 128, 128, 32, 32],
+    "dropout": [0.6, 0.5, 0.6, 0.35, 0.7, 0.55],
+    "batch_size": [32, 128, 64, 128, 512, 128],
+    "grad_accum": [1, 1, 1, 2, 1, 1],
+    "epochs": [100, 50, 110, 51, 100, 101],
+    "intermediate": [4096, 0, 0, 0, 0, 0],
+    "intermediate_activation": ["none"] * 6,
+    "fan_in": [64, 128, 128, 128, 128, 128],
+    "rewire_threshold": [0.01, 0.05, 0.01, 0.0, 0.0, 0.02],  # 0: fraction mode
+    "rewire_interval": [300, 600, 800, 1500, 1000, 800],
+    "rewire_end": [0.66] * 6,
+    "aux_weight": [0.0, 0.4, 0.4, 0.0, 0.4, 0.0],
+    "loss": ["squared_hinge"] * 4 + ["bce", "squared_hinge"],
+    "encoder_optimizer": ["adamw"] * 4 + ["adam", "adamw"],
+    "lr_encoder": [1e-5, 5e-5, 1e-5, 5e-5, 1e-5, 2e-4],
+    "classifier_optimizer": ["adamw"] * 4 + ["sgd", "adamw"],
+    "lr_classifier": [0.01, 0.05, 0.01, 0.05, 0.08, 0.01],
+    "weight_decay_encoder": [0.01] * 5 + [1e-3],
+    "weight_decay_classifier": [1e-4] * 6,
+    "warmup_steps": [1000, 1000, 1000, 10000, 5000, 5000],
+    "precision": ["fp16"] * 6,
+    "seed": [42] * 6,
+    # the release's rewiring semantics, evaluation every epoch, early stopping on P@3 after 25
+    "rewire_scope": ["global"] * 6, "rewire_fraction_schedule": ["constant"] * 6,
+    "rewire_threshold_floor": [1e-4] * 6, "rewire_row_cap": [0.0] * 6, "rewire_reset_state": [False] * 6,
+    "eval_every": [1] * 6, "patience": [25] * 6,
+}
+RELEASE_ONLY_WHERE_USED = {  # values that only matter in one mode (fraction, meta lr, ...): None where unused
+    "rewire_fraction": [None, None, None, 0.25, 0.15, None],
+    "aux_epochs": [None, 8, 15, None, 12, None],
+    "lr_meta": [None, 5e-4, 5e-4, None, 5e-4, None],
+    "lr_intermediate": [1e-2, None, None, None, None, None],
+}
+PAPER = ["wiki10-31k", "wiki500k", "amazon670k", "amazon3m", "lf-amazontitles-131k", "lf-wikiseealso-320k"]
+
+
+@pytest.mark.parametrize("column, name", list(enumerate(PAPER)))
+def test_paper_presets_are_the_release_recipe(column, name):
+    config = train.parse_config(["--data", name])
+    for field, values in {**RELEASE_TABLE, **RELEASE_ONLY_WHERE_USED}.items():
+        if values[column] is not None:
+            assert getattr(config, field) == values[column], f"{name}: {field}"
+    assert config.augment_labels == name.startswith("lf-")  # the release augments its LF data sets
+
+
+PRESET_ROWS = ["encoder", "format", "pooling", "max_length", "dropout", "batch_size", "grad_accum", "epochs",
+               "intermediate", "fan_in", "rewire_threshold", "rewire_fraction", "rewire_interval", "aux_weight",
+               "aux_epochs", "loss", "encoder_optimizer", "lr_encoder", "lr_meta", "lr_intermediate",
+               "classifier_optimizer", "lr_classifier", "weight_decay_encoder", "warmup_steps"]
+
+
+def preset_table():
+    """The README's table of the paper presets, rendered from presets.PRESETS (a value the preset
+    does not use is shown as -)."""
+    unused = {"rewire_fraction": lambda c: c.rewire_threshold > 0, "aux_epochs": lambda c: c.aux_weight == 0,
+              "lr_meta": lambda c: c.aux_weight == 0, "lr_intermediate": lambda c: c.intermediate == 0}
+    configs = [train.parse_config(["--data", name]) for name in PAPER]
+    lines = ["| `--data` | " + " | ".join(f"`{name}`" for name in PAPER) + " |", "|---" * (len(PAPER) + 1) + "|"]
+    for row in PRESET_ROWS:
+        cells = ["-" if unused.get(row, lambda c: False)(c)
+                 else str(getattr(c, row)).removeprefix("sentence-transformers/") for c in configs]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    shared = [f"`{name}={getattr(configs[0], name)}`" for name in presets.RELEASE
+              if name not in PRESET_ROWS and len({getattr(c, name) for c in configs}) == 1]
+    return "\n".join(lines) + "\n\n" + textwrap.fill("Shared by all six: " + ", ".join(shared) + ".", 100)
+
+
+def test_the_readme_shows_the_presets_as_they_are():
+    assert preset_table() in (Path(train.__file__).parent / "README.md").read_text()
+
+
 # The release's PSP constants A, B (../shared/reference/official-release.md), and Delicious's default.
 PROPENSITIES = {"wiki10-31k": (0.5, 0.4), "wiki500k": (0.5, 0.4), "amazon670k": (0.6, 2.6), "amazon3m": (0.6, 2.6),
                 "lf-amazontitles-131k": (0.6, 2.6), "lf-wikiseealso-320k": (0.5, 0.4), "delicious": (0.55, 1.5)}
@@ -81,7 +163,7 @@ def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):
     bow = write_data_set(tmp_path / "EURLex-Tiny", "bow", SPLITS)
     config = train.parse_config(["--data", str(bow)])
     assert (config.format, config.encoder, config.out) == ("bow", "bow", "runs/EURLex-Tiny")
-    assert {k: getattr(config, k) for k in train.BOW_DEFAULTS} == train.BOW_DEFAULTS
+    assert {k: getattr(config, k) for k in presets.BOW_DEFAULTS} == presets.BOW_DEFAULTS
     raw = write_data_set(tmp_path / "Raw", "raw", SPLITS)
     assert train.parse_config(["--data", str(raw)]).format == "raw"  # texts, read by the bag-of-words encoder
     config = train.parse_config(["--data", str(raw), "--encoder", "some/bert"])
@@ -98,7 +180,7 @@ def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):
 @pytest.mark.skipif(not (train.Path(__file__).parents[2] / "shared/data/delicious").is_dir(), reason="no ../shared")
 def test_the_shared_delicious_folder_needs_no_other_flag():
     config = train.parse_config(["--data", str(train.Path(__file__).parents[2] / "shared/data/delicious")])
-    assert config.format == "bow" and {k: getattr(config, k) for k in train.BOW_DEFAULTS} == train.BOW_DEFAULTS
+    assert config.format == "bow" and {k: getattr(config, k) for k in presets.BOW_DEFAULTS} == presets.BOW_DEFAULTS
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -126,7 +208,7 @@ def test_resume_continues_exactly(tiny, tmp_path):
     b = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    assert a["step"] == b["step"]
+    assert a["batch"] == b["batch"]
     logs = [[json.loads(l) for l in open(tmp_path / run / "log.jsonl")] for run in ("straight", "interrupted")]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
@@ -170,8 +252,8 @@ sys.path.insert(0, sys.argv[2])
 import train
 from pathlib import Path
 for count in range(10**6):
-    train.save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", {"model_arguments": {}, "count": count,
-                                                                "payload": torch.full((1 << 20,), count)})
+    state = {"model_arguments": {}, "max_length": None, "count": count, "payload": torch.full((1 << 20,), count)}
+    train.save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", state)
     print(count, flush=True)
 """
 
@@ -203,7 +285,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny):
 
 def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
     monkeypatch.setitem(model.LOSSES, "squared_hinge", lambda scores, rows, labels: scores.sum() * float("nan"))
-    with pytest.raises(FloatingPointError, match="at step 0"):
+    with pytest.raises(FloatingPointError, match="at batch 0"):
         train.run(tiny)
     assert not (Path(tiny.out) / "checkpoint.pt").exists()
 
@@ -216,10 +298,10 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tin
         return model.squared_hinge(scores, rows, labels) * (float("nan") if len(calls) > 24 else 1.0)
 
     monkeypatch.setitem(model.LOSSES, "squared_hinge", poisoned)
-    with pytest.raises(FloatingPointError, match="at step 24"):
+    with pytest.raises(FloatingPointError, match="at batch 24"):
         train.run(tiny)
     state = torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 19 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert state["batch"] == 19 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_non_finite_weights_are_never_saved(tiny, monkeypatch):
@@ -232,9 +314,97 @@ def test_non_finite_weights_are_never_saved(tiny, monkeypatch):
         return record
 
     monkeypatch.setattr(train, "train_epoch", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite weights after step 38"):
+    with pytest.raises(FloatingPointError, match="non-finite weights after batch 38"):
         train.run(tiny)
-    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["step"] == 19
+    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["batch"] == 19
+
+
+def test_the_learning_rate_warms_up_linearly_then_falls_by_a_half_cosine():
+    """transformers' get_cosine_schedule_with_warmup, which the release uses: 0 at step 0."""
+    factors = [train.warmup_then_cosine(step, warmup=10, total=110) for step in range(111)]
+    assert factors[:11] == [step / 10 for step in range(11)]
+    assert factors[60] == pytest.approx(0.5) and factors[110] == pytest.approx(0)
+    assert factors[10:] == sorted(factors[10:], reverse=True)
+
+
+def test_the_two_optimizers_carry_the_release_groups(tiny):
+    """The encoder's optimizer: decay on weights, none on biases and LayerNorm weights, the meta head
+    and the intermediate layer with lrs of their own; the classifier's: its own lr and decay."""
+    config = dataclasses.replace(tiny, intermediate=16, lr_encoder=1e-3, weight_decay_encoder=0.05, lr_meta=5e-4,
+                                 lr_intermediate=2e-2, classifier_optimizer="sgd", lr_classifier=0.08,
+                                 weight_decay_classifier=1e-4)
+    network = model.build("bow", 50, 20, num_clusters=4, dim=8, intermediate=16, fan_in=4)
+    encoder, classifier = train.make_optimizers(config, network)
+    groups = [(g["lr"], g["weight_decay"], {id(p) for p in g["params"]}) for g in encoder.param_groups]
+    ids = lambda module: {id(p) for p in module.parameters()}
+    assert groups == [(1e-3, 0.05, {id(network.encoder.embedding.weight)}), (1e-3, 0.0, {id(network.encoder.bias)}),
+                      (5e-4, 0.01, ids(network.meta)), (2e-2, 0.01, ids(network.intermediate))]  # AdamW's default
+    assert isinstance(classifier, torch.optim.SGD) and classifier.param_groups[0]["momentum"] == 0.9
+    assert (classifier.param_groups[0]["lr"], classifier.param_groups[0]["weight_decay"]) == (0.08, 1e-4)
+    assert {id(p) for p in classifier.param_groups[0]["params"]} == ids(network.classifier)
+
+
+def test_a_transformers_layer_norm_weights_and_biases_get_no_weight_decay(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    network = model.build(str(tiny_bert(tmp_path / "bert")), 0, 20, fan_in=4)
+    encoder, _ = train.make_optimizers(train.Config(encoder="adam", encoder_optimizer="adam"), network)
+    names = {id(p): n for n, p in network.named_parameters()}
+    decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
+    assert isinstance(encoder, torch.optim.Adam) and exempt and decayed
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in exempt)
+    assert not any(n.endswith("bias") or "LayerNorm" in n for n in decayed)
+
+
+def test_resume_with_gradient_accumulation_continues_exactly_and_keeps_the_scaler(tiny, tmp_path):
+    """Windows of 3 batches (19 a epoch: the last window has 1); the gradient scaler's state is in
+    the checkpoint and comes back on resume."""
+    tiny = dataclasses.replace(tiny, device="cpu", grad_accum=3, rewire_interval=4)
+    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
+    train.run(straight)
+    interrupted = dataclasses.replace(tiny, out=str(tmp_path / "interrupted"))
+    train.run(interrupted, stop_after_epoch=1)
+    train.run(dataclasses.replace(interrupted, resume=True))
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "interrupted"))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["batch"] == b["batch"] == 57 and a["schedulers"][0]["last_epoch"] == 3 * 7  # optimizer steps
+    clusters = torch.arange(120) % a["model_arguments"]["num_clusters"]
+    saving, restored = (train.build(tiny, "synthetic", data.synthetic(), clusters, torch.device("cpu")) for _ in "ab")
+    saving.scaler = torch.amp.GradScaler("cpu", init_scale=123.0)  # enabled, as fp16 on a GPU has it
+    restored.scaler = torch.amp.GradScaler("cpu", init_scale=2**12)
+    train.restore(restored, {**a, "scaler": train.checkpoint_state(saving, 0, tiny)["scaler"]})
+    assert restored.scaler.state_dict()["scale"] == 123.0
+
+
+def test_the_best_epoch_is_kept_and_logged_and_unevaluated_epochs_log_no_metrics(tiny, monkeypatch):
+    scores = iter([30.0, 50.0, 40.0, 45.0])  # P@1 of the four evaluations; P@3 the same
+
+    def evaluated(*args, **kwargs):
+        value = next(scores)
+        return {f"{m}@{k}": value for m in ("P", "nDCG", "PSP") for k in (1, 3, 5)}
+
+    monkeypatch.setattr(train.evaluate, "evaluate", evaluated)
+    train.run(dataclasses.replace(tiny, epochs=5, eval_every=1, patience=2, aux_weight=0.0))
+    log = [json.loads(line) for line in open(Path(tiny.out) / "log.jsonl")]
+    assert [r.get("P@1") for r in log] == [30.0, 50.0, 40.0, 45.0]  # early stop: P@3 no better twice
+    assert [r["best_epoch"] for r in log] == [1, 2, 2, 2] and log[-1]["best_P@1"] == 50.0
+    best = torch.load(Path(tiny.out) / "checkpoint.best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["best"]["P@1"] == 50.0  # saved after epoch 2 (0-based 1)
+    scores = iter([30.0, 50.0])
+    monkeypatch.setattr(train.evaluate, "evaluate", evaluated)
+    train.run(dataclasses.replace(tiny, epochs=4, eval_every=2, aux_weight=0.0, out=tiny.out + "-every2"))
+    log = [json.loads(line) for line in open(tiny.out + "-every2/log.jsonl")]
+    assert ["P@1" in r for r in log] == [False, True, False, True]
+    # rewiring ends after int(0.66 * 4) = 2 epochs; later epochs do not repeat the last survival rate
+    assert [r["rewired"] > 0 for r in log] == [True, True, False, False]
+    assert log[1]["survived"] is not None and log[2]["survived"] is None
+
+
+def test_compile_compiles_the_encoder_in_place(tiny, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
+    t = train.build(dataclasses.replace(tiny, compile=True), "synthetic", data.synthetic(), None, torch.device("cpu"))
+    assert compiled == ["BagOfWordsEncoder"] and "encoder.embedding.weight" in t.network.state_dict()
 
 
 def test_evaluate_reloads_a_checkpoint(tiny):
@@ -262,7 +432,8 @@ def text_folder(tmp_path, monkeypatch):
 
 def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     """The pretrained-encoder path, offline: a tiny random BERT stands in for bert-base-uncased.
-    Clusters and token ids are cached next to the data; evaluate.py reads the same token cache."""
+    Clusters and token ids are cached next to the data; evaluate.py reads the same token cache, and
+    rebuilds the model from the run's own folder: the original model folder is not needed."""
     folder, encoder = text_folder
     run = train.Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, pooling="mean",
                        out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8, intermediate=32, aux_weight=0.4,
@@ -270,9 +441,14 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     results = train.run(run)
     assert 0 <= results["P@1"] <= 100
     assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
+    shutil.rmtree(encoder)
     monkeypatch.setattr(data, "encode", None)  # evaluation must not tokenise again
     network, xmc, batches = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
+    monkeypatch.undo()
+    state = evaluate.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert evaluate.predict(state, tmp_path / "run", ["red apple", "blue sea"], 2, 8, "cpu", "new")[0].split()[0] \
+        .split(":")[0] in xmc.label_names
 
 
 def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp_path, monkeypatch, capsys):
@@ -284,7 +460,10 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
     assert report["clusters"] >= 3 and report["token_cache_MB"] == (60 + 20) * (4 + 8 * 2) / 2**20
     assert report["peak_rss_MB"] > 0 and set(report) >= {"load_s", "clusters_s", "tokens_s", "classifier_MB"}
     assert not (tmp_path / "run").exists()  # nothing written but the caches next to the data
-    assert json.loads(capsys.readouterr().out.split("dry run: ")[-1]) == report
+    printed = capsys.readouterr().out
+    assert json.loads(printed.split("dry run: ")[-1]) == report
+    fields = dict(line.split(" = ", 1) for line in printed.splitlines() if " = " in line)  # the resolved config
+    assert fields == {f.name: repr(getattr(run, f.name)) for f in dataclasses.fields(run)}
     monkeypatch.setattr(data, "encode", None)  # a second start, with another --out, finds both caches
     monkeypatch.setattr(data, "cluster_labels", None)
     assert train.run(dataclasses.replace(run, out=str(tmp_path / "other")))["clusters"] == report["clusters"]

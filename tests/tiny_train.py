@@ -16,9 +16,19 @@ import train  # noqa: E402
 
 data.synthetic = functools.partial(data.synthetic, **TINY)
 built = []
-build = train.build
+build, train_and_evaluate = train.build, train.train_and_evaluate
 train.build = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
-config = train.parse_config()
-results = train.run(config)
-t = built[-1]
-torch.save({"model": t.network.state_dict(), "results": {k: float(v) for k, v in results.items()}}, Path(config.out) / f"rank{t.rank}.pt")
+
+
+def train_and_save(config, *args):
+    """Save this rank's model, then let go of it (and of its DDP wrapper) before run() leaves the
+    process group: a DDP model still alive at interpreter exit can abort the process."""
+    results = train_and_evaluate(config, *args)
+    t = built.pop()
+    torch.save({"model": t.network.state_dict(), "results": {k: float(v) for k, v in results.items()}},
+               Path(config.out) / f"rank{t.rank}.pt")
+    return results
+
+
+train.train_and_evaluate = train_and_save
+train.run(train.parse_config())
