@@ -10,12 +10,13 @@ import torch
 from conftest import tiny_bert
 
 HELPER = Path(__file__).resolve().parent / "tiny_train.py"
-# Two epochs of 19 steps: the aux loss is on in the first, off in the second (an idle meta head
-# under DDP), and the classifier is rewired at steps 10 and 20. No dropout, so that one process and
-# two draw the same function.
+# Two epochs of 19 batches, whose gradients add up in windows of 3 (DDP synchronises only at a
+# window's last batch): the aux loss is on in the first epoch, off in the second (an idle meta head
+# under DDP), and the classifier is rewired after batches 6, 12 and 18 (rewiring ends with epoch
+# int(0.66 * 2) = 1). No dropout, so that one process and two draw the same function.
 FLAGS = ["--epochs", "2", "--dim", "32", "--intermediate", "64", "--fan-in", "8", "--batch-size", "32",
-         "--warmup-steps", "5", "--rewire-interval", "10", "--aux-weight", "0.4", "--aux-epochs", "1",
-         "--max-leaf", "20", "--dropout", "0", "--device", "cpu"]
+         "--grad-accum", "3", "--warmup-steps", "5", "--rewire-interval", "6", "--aux-weight", "0.4",
+         "--aux-epochs", "1", "--max-leaf", "20", "--dropout", "0", "--device", "cpu"]
 
 
 def launch(command, out, flags=FLAGS):
@@ -46,6 +47,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("two", "one")]
     assert len(logs[0]) == 2 and [r["rewired"] for r in logs[0]] == [r["rewired"] for r in logs[1]]
+    assert logs[1][0]["rewired"] > 0 and logs[1][1]["rewired"] == 0
     for two, one in zip(*logs):
         assert abs(two["loss"] - one["loss"]) < 1e-5 * one["loss"]  # the global batch's loss, not one share's
     assert output.count("epoch 1:") == 1  # only rank 0 prints
