@@ -14,6 +14,7 @@ to its floor: bytes = L*k*(s+4) + B*L*s per pass (s bytes a value, int32 indices
     python bench.py --labels 100000 --batch 128 --fan-in 32 --dtype float32
     python bench.py --rewire                       # time one SET rewire (dst.py) of the whole layer
     python bench.py --memory                       # peak memory of a training step with AdamW (GPU)
+    python bench.py --step                         # whole training steps: forward, loss, backward, AdamW
     ncu --kernel-name regex:tiled python bench.py --profile --batch 128 --fan-in 32 --layers cuda
     python bench.py --data-scale amazon670k        # a first and a cached start at the paper's scale
 
@@ -38,6 +39,7 @@ from torch import nn
 
 import data
 import dst
+import model
 import sparse_layer
 from sparse_layer import FixedFanInLinear
 
@@ -57,6 +59,7 @@ def parse_args():
     p.add_argument("--inputs", type=int, default=3, help="distinct random input sets cycled through")
     p.add_argument("--rewire", action="store_true", help="time dst.rewire (fraction 0.2, AdamW state) instead")
     p.add_argument("--memory", action="store_true", help="peak memory of AdamW training steps instead (GPU)")
+    p.add_argument("--step", action="store_true", help="time whole training steps (loss, backward, AdamW) instead")
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
     p.add_argument("--bandwidth", type=float, default=3000.0,
                    help="GPU DRAM bandwidth in GB/s for the floor ratios (H100 copy bandwidth: about 3000)")
@@ -170,6 +173,77 @@ def bench_rewire(args, device):
             described = ", ".join(f"{k} {v}" for k, v in mode.items())
             print(f"| {args.labels:,} | {args.features} | {fan_in} | {described} | "
                   f"{stats['rewired']:,} | {statistics.median(times[1:]):.1f} |", flush=True)
+
+
+def random_positives(batch, num_labels, per_document, generator):
+    """(rows, labels) of `per_document` distinct random positive labels for each of `batch` documents."""
+    labels = torch.stack([torch.randperm(num_labels, generator=generator)[:per_document] for _ in range(batch)])
+    return torch.arange(batch).repeat_interleave(per_document), labels.flatten()
+
+
+def check_step(layer, x, rows, labels):
+    """A layer's loss and gradients (input, weight, bias) in one training step against its dense
+    float64 equivalent on the same input: a fast but wrong layer must not post a time."""
+    weight = layer.to_dense() if isinstance(layer, FixedFanInLinear) else layer.weight
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = weight.detach().double().requires_grad_(), layer.bias.detach().double().requires_grad_()
+    scores = x64 @ w64.T + b64
+    signs = -torch.ones_like(scores)
+    signs[rows, labels] = 1.0
+    expected = torch.relu(1 - signs * scores).square().mean()  # the squared hinge, densely, in float64
+    expected.backward()
+    x_ = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    loss = model.squared_hinge(layer(x_), rows, labels)
+    loss.backward()
+    grad_w = w64.grad.gather(1, layer.indices.long()) if isinstance(layer, FixedFanInLinear) else w64.grad
+    tolerance = 1e-4 if x.dtype == torch.float32 else 3e-2
+    for name, got, want in (("loss", loss, expected), ("grad x", x_.grad, x64.grad),
+                            ("grad weight", layer.weight.grad, grad_w), ("grad bias", layer.bias.grad, b64.grad)):
+        want = want.detach()
+        torch.testing.assert_close(got.detach().double(), want, rtol=tolerance, atol=tolerance * float(want.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def bench_step(args, device):
+    """A whole training step of the classifier as training runs it: forward, the squared hinge from
+    the list of positives (5 per document), backward (input and weights), AdamW step. Every layer is
+    first checked against its dense float64 equivalent (check_step), then timed."""
+    gpu_kernels = device.type == "cuda" and sparse_layer.cupy_available()
+    kinds = ["dense"] + [k for k in args.layers if k != "dense" and (gpu_kernels or not k.startswith("cuda"))]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {where}")
+    print("| L | D | B | dtype | layer | k | step ms (median) | dense / layer | step peak MB |\n" + "|---" * 9 + "|")
+    generator = torch.Generator().manual_seed(0)
+    for dtype in [getattr(torch, name) for name in args.dtype]:
+        for batch in args.batch:
+            x = torch.randn(batch, args.features, dtype=dtype, generator=generator).to(device).requires_grad_()
+            rows, labels = (t.to(device) for t in random_positives(batch, args.labels, 5, generator))
+            dense_ms = None
+            for kind, fan_in in [(k, f) for f in args.fan_in for k in kinds if k != "dense" or f == args.fan_in[0]]:
+                layer = make_layer(kind, args.labels, args.features, fan_in, dtype, device)
+                check_step(layer, x, rows, labels)
+                optimizer = torch.optim.AdamW(layer.parameters())
+                times, peak = [], None
+                for step in range(args.repeats + 1):  # one warm-up step, which also creates the AdamW state
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    with Timer(device) as t:
+                        optimizer.zero_grad(set_to_none=True)
+                        x.grad = None
+                        model.squared_hinge(layer(x), rows, labels).backward()
+                        optimizer.step()
+                    times.append(t.ms)
+                    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
+                ms = statistics.median(times[1:])
+                dense_ms = dense_ms or ms
+                print(f"| {args.labels:,} | {args.features} | {batch} | {str(dtype).removeprefix('torch.')} | "
+                      f"{kind if kind == 'dense' else 'sparse/' + kind} | {'-' if kind == 'dense' else fan_in} | "
+                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {'-' if peak is None else f'{peak / 2**20:.0f}'} |",
+                      flush=True)
+                del layer, optimizer
 
 
 def bench_memory(args, device):
@@ -292,6 +366,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.rewire:
         return bench_rewire(args, device)
+    if args.step:
+        return bench_step(args, device)
     if args.profile:
         args.repeats, args.inputs = 1, 1
     if args.memory:

@@ -1,0 +1,27 @@
+"""bench.py --step checks every layer against its dense float64 equivalent before it times it."""
+import pytest
+import torch
+
+import bench
+import sparse_layer
+
+
+def step_inputs(batch=6, labels=40, features=24):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, features, generator=generator)
+    return x, *bench.random_positives(batch, labels, 3, generator)
+
+
+@pytest.mark.parametrize("kind", ["dense", "torch"])
+def test_a_correct_layer_passes_the_step_check(kind):
+    x, rows, labels = step_inputs()
+    bench.check_step(bench.make_layer(kind, 40, 24, 5, torch.float32, torch.device("cpu")), x, rows, labels)
+
+
+@pytest.mark.parametrize("broken", ["forward", "grad_input", "grad_weight"])
+def test_a_wrong_layer_cannot_post_a_time(broken, monkeypatch):
+    original = getattr(sparse_layer.TorchOps, broken)
+    monkeypatch.setattr(sparse_layer.TorchOps, broken, staticmethod(lambda *args: original(*args) * 1.01))
+    x, rows, labels = step_inputs()
+    with pytest.raises(AssertionError):
+        bench.check_step(bench.make_layer("torch", 40, 24, 5, torch.float32, torch.device("cpu")), x, rows, labels)
