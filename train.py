@@ -439,7 +439,7 @@ def train_epoch(config, t, epoch, split, tokens, device):
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
 
 
-def keep_best(config, t, epoch, results):
+def keep_best(t, epoch, results):
     """After an evaluation: remember the best test P@1 (the caller saves checkpoint.best.pt when
     this returns True), and count evaluations without a better test P@3 (--patience)."""
     t.stale = 0 if results["P@3"] > t.best_p3 else t.stale + 1
@@ -484,6 +484,19 @@ def run(config, stop_after_epoch=None):
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
+
+
+def prepare_out(config, t, out, first_epoch):
+    """The run directory (rank 0): created, cleared of what a killed run left half-written, given the
+    encoder's config and tokenizer; a resumed run's log cut back to its checkpoint's epoch."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".checkpoint*.tmp*"):
+        stale.unlink()
+    for stale in out.glob(".encoder.tmp*"):
+        shutil.rmtree(stale)
+    save_encoder(config, t.network, out)
+    if config.resume and (out / "log.jsonl").exists():
+        trim_log(out / "log.jsonl", first_epoch)
 
 
 def dry_run(xmc, t, tokens, seconds, device):
@@ -539,14 +552,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
           + (f", {world} processes" if world > 1 else ""))
 
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".checkpoint*.tmp*"):  # left by a run killed while writing
-            stale.unlink()
-        for stale in out.glob(".encoder.tmp*"):
-            shutil.rmtree(stale)
-        save_encoder(config, t.network, out)
-        if config.resume and (out / "log.jsonl").exists():
-            trim_log(out / "log.jsonl", first_epoch)
+        prepare_out(config, t, out, first_epoch)
     results, epoch = {}, first_epoch - 1
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
@@ -558,7 +564,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
             test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens["test"], rank=rank, world=world)
             results = evaluated = evaluate.evaluate(t.network, xmc, test, device, world=world)
-            improved = keep_best(config, t, epoch, evaluated)
+            improved = keep_best(t, epoch, evaluated)
         record |= {"epoch": epoch + 1, "batch": t.batch, "survived": t.survived if record["rewired"] else None,
                    "lr": [g["lr"] for optimizer in t.optimizers for g in optimizer.param_groups],
                    "seconds": time.time() - epoch_start, **memory_report(t.network, device), **evaluated,
