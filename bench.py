@@ -1,20 +1,25 @@
 """Speed and memory of the fixed fan-in layer against a dense nn.Linear of the same shape.
 
 For every (dtype, batch B, fan-in k) it times forward and backward separately for
-  sparse/cuda        - the kernels of kernels.cu as the layer runs them: tiled where the tile fits
-                       (GPU with cupy only),
+  sparse/cuda        - the kernels of kernels.cu as the layer runs them (GPU with cupy only): tiled
+                       forward and grad-w, grad-x as a gather over the transposed connectivity,
+  sparse/cuda-v4     - the same with grad-x by shared-memory atomics (the previous version),
   sparse/cuda-simple - the simple kernels of kernels.cu (the first, correct-first set),
   sparse/torch       - the pure-PyTorch backend,
-  dense        - nn.Linear(D, L), the baseline the paper's memory claim is measured against,
-and prints medians over several input sets, the peak memory of one training step (GPU), the
-layer's own bytes, and for the sparse layer the achieved DRAM bandwidth and the ratio of each pass
-to its floor: bytes = L*k*(s+4) + B*L*s per pass (s bytes a value, int32 indices).
+  dense              - nn.Linear(D, L), the baseline the paper's memory claim is measured against,
+  dense-tf32         - the same with TF32 matrix products allowed (GPU, fp32 only),
+  dense-pad8         - nn.Linear(D, L rounded up to a multiple of 8): an odd L such as 670,091 keeps
+                       cuBLAS off its fastest 16-bit kernels, so this is the fair 16-bit baseline,
+and prints medians over several input sets, the layer's own bytes, and for the sparse layer the
+achieved DRAM bandwidth and the ratio of each pass to its floor: bytes = L*k*(s+4) + B*L*s per
+pass (s bytes a value, int32 indices). Each pass is timed alone (latency: the GPU waits for the
+host between calls), or with --throughput, many steps back to back.
 
     python bench.py                                # GPU: Amazon-670K shape; CPU: a 1-minute size
     python bench.py --labels 100000 --batch 128 --fan-in 32 --dtype float32
-    python bench.py --rewire                       # time one SET rewire (dst.py) of the whole layer
-    python bench.py --memory                       # peak memory of a training step with AdamW (GPU)
     python bench.py --step                         # whole training steps: forward, loss, backward, AdamW
+    python bench.py --rewire                       # time one SET rewire (dst.rewire) of the whole layer
+    python bench.py --launch                       # host time per layer call of the cuda backend
     ncu --kernel-name regex:tiled python bench.py --profile --batch 128 --fan-in 32 --layers cuda
     python bench.py --data-scale amazon670k        # a first and a cached start at the paper's scale
 
@@ -53,16 +58,17 @@ def parse_args():
     p.add_argument("--fan-in", type=int, nargs="+", default=[32, 64, 128] if gpu else [32, 128])
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"] if gpu else ["float32"],
                    choices=["float32", "float16", "bfloat16"])
-    kinds = ["cuda", "cuda-simple", "torch", "dense"]
+    kinds = ["cuda", "cuda-v4", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
     p.add_argument("--layers", nargs="+", default=kinds, choices=kinds)
+    p.add_argument("--throughput", action="store_true", help="time steps back to back, not one call at a time")
     p.add_argument("--repeats", type=int, default=20 if gpu else 3, help="timed runs (median reported)")
     p.add_argument("--inputs", type=int, default=3, help="distinct random input sets cycled through")
     p.add_argument("--rewire", action="store_true", help="time dst.rewire (fraction 0.2, AdamW state) instead")
-    p.add_argument("--memory", action="store_true", help="peak memory of AdamW training steps instead (GPU)")
+    p.add_argument("--launch", action="store_true", help="host time per layer call of the cuda backend instead (GPU)")
     p.add_argument("--step", action="store_true", help="time whole training steps (loss, backward, AdamW) instead")
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
-    p.add_argument("--bandwidth", type=float, default=3000.0,
-                   help="GPU DRAM bandwidth in GB/s for the floor ratios (H100 copy bandwidth: about 3000)")
+    p.add_argument("--bandwidth", type=float, help="GPU DRAM bandwidth in GB/s for the floor ratios "
+                   "(default: measured, a device-to-device copy counting bytes read and written)")
     p.add_argument("--data-scale", choices=list(SHAPES), help="a first and a cached start on generated data")
     p.add_argument("--scale", type=float, default=1.0, help="--data-scale: fraction of documents and labels")
     p.add_argument("--workdir", help="--data-scale: where the data set goes (default: a new temporary folder)")
@@ -94,32 +100,74 @@ class Timer:
             self.ms = (time.perf_counter() - self.t0) * 1e3
 
 
+def copy_bandwidth(device, gigabytes=2):
+    """GB/s of a device-to-device copy, bytes read plus bytes written: the DRAM ceiling in practice."""
+    source = torch.empty(gigabytes * 2**30 // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    with Timer(device) as t:
+        for _ in range(10):
+            target.copy_(source)
+    return 10 * 2 * source.numel() * 4 / t.ms / 1e6
+
+
 def make_layer(kind, labels, features, fan_in, dtype, device):
     with device:  # built where it runs: drawing 670k random index rows on the host takes seconds
-        if kind == "dense":
-            return nn.Linear(features, labels, dtype=dtype)
+        if kind.startswith("dense"):
+            return nn.Linear(features, -(-labels // 8) * 8 if kind == "dense-pad8" else labels, dtype=dtype)
         return FixedFanInLinear(features, labels, fan_in, backend=kind).to(dtype)
+
+
+def layer_kinds(args, device, dtype):
+    """The layer kinds of args.layers that can run here, dense first (the baseline of each row)."""
+    gpu_kernels = device.type == "cuda" and sparse_layer.cupy_available()
+    kinds = [k for k in args.layers if (gpu_kernels or not k.startswith("cuda"))
+             and (device.type == "cuda" or k not in ("dense-tf32", "dense-pad8"))
+             and (dtype == torch.float32 or k != "dense-tf32")]
+    return sorted(kinds, key=lambda k: not k.startswith("dense"))
+
+
+class tf32:
+    """Allow TF32 matrix products inside the block (dense-tf32 only): fp32 inputs, 10-bit mantissas."""
+
+    def __init__(self, kind):
+        self.on = kind == "dense-tf32"
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on or self.saved
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def layer_bytes(layer):
     return sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers()))
 
 
-def measure(layer, inputs, repeats):
-    """Median forward and backward ms, and peak bytes of one step above the layer's own (GPU)."""
+def measure(layer, inputs, repeats, throughput=False):
+    """Median forward and backward ms of one call at a time; with `throughput`, the mean over
+    `repeats` steps run back to back (forward alone, then forward + backward; backward = the
+    difference), where the host prepares the next call while the GPU runs the last."""
     device = inputs[0].device
     with torch.no_grad():  # output gradients in the layout of the output, as a loss computed from it gives
         grads = [torch.randn_like(layer(x)) for x in inputs]
+    warmup = 1 if repeats == 1 else 2  # warm-up steps: kernel compilation, allocator caches
+    if throughput:
+        for step in range(warmup):
+            layer(inputs[0]).backward(grads[0])
+        with Timer(device) as f:
+            for step in range(repeats):
+                layer(inputs[step % len(inputs)])
+        with Timer(device) as t:
+            for step in range(repeats):
+                layer(inputs[step % len(inputs)]).backward(grads[step % len(grads)])
+        return f.ms / repeats, (t.ms - f.ms) / repeats
     forward, backward = [], []
-    warmup = 1 if repeats == 1 else 2
-    for step in range(repeats + warmup):  # warm-up steps: kernel compilation, allocator caches
+    for step in range(repeats + warmup):
         x, grad = inputs[step % len(inputs)], grads[step % len(grads)]
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
         with Timer(device) as f:
             y = layer(x)
         with Timer(device) as b:
@@ -128,8 +176,7 @@ def measure(layer, inputs, repeats):
             forward.append(f.ms)
             backward.append(b.ms)
         del y
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    return statistics.median(forward), statistics.median(backward), peak
+    return statistics.median(forward), statistics.median(backward)
 
 
 def floor_bytes(labels, fan_in, batch, value_bytes):
@@ -137,18 +184,17 @@ def floor_bytes(labels, fan_in, batch, value_bytes):
     return labels * fan_in * (value_bytes + 4) + batch * labels * value_bytes
 
 
-HEADER = ("| layer | dtype | B | k | forward ms | backward ms | total ms | speed-up vs dense | "
-          "step peak MB | layer MB | fwd GB/s | fwd / floor | bwd / floor |")
+HEADER = ("| layer | dtype | B | k | forward ms | backward ms | total ms | vs dense | vs dense-pad8 | "
+          "layer MB | fwd GB/s | fwd / floor | bwd / floor |")
 
 
-def row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size, bandwidth):
-    sparse = kind != "dense"
+def row(kind, dtype, batch, fan_in, fwd, bwd, baselines, size, bandwidth):
+    sparse = not kind.startswith("dense")
     floor = floor_bytes(size[0], fan_in, batch, dtype.itemsize) if sparse else None
+    speedup = lambda base: f"{baselines[base] / (fwd + bwd):.2f}x" if base in baselines else "-"
     cells = [kind if not sparse else f"sparse/{kind}", str(dtype).removeprefix("torch."), batch,
              fan_in if sparse else "-", f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
-             f"{dense_total / (fwd + bwd):.1f}x" if dense_total else "-",
-             "-" if peak is None else f"{peak / 2**20:.0f}",
-             f"{size[1] / 2**20:.0f}",
+             speedup("dense"), speedup("dense-pad8"), f"{size[1] / 2**20:.0f}",
              f"{floor / fwd / 1e6:.0f}" if sparse else "-",
              f"{fwd / (floor / bandwidth / 1e6):.1f}" if sparse and bandwidth else "-",
              f"{bwd / (2 * floor / bandwidth / 1e6):.1f}" if sparse and bandwidth else "-"]
@@ -157,21 +203,26 @@ def row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size, bandwidth
 
 def bench_rewire(args, device):
     """One SET step (dst.rewire, fraction 0.2) over the whole layer with AdamW state: as the release
-    rewires (global pruning, state kept), and per row with the regrown slots' state reset."""
-    print("| L | D | k | rewiring | connections rewired | rewire ms (median) |\n|---|---|---|---|---|---|")
+    rewires (global pruning, state kept), and per row with the regrown slots' state reset. On a GPU
+    the time includes the rebuild of the transposed connectivity that the next backward needs."""
+    kind = "cuda" if device.type == "cuda" and sparse_layer.cupy_available() else "torch"
+    print("| L | D | k | layer | rewiring | connections rewired | rewire ms (median) |\n|---|---|---|---|---|---|---|")
     for fan_in in args.fan_in:
-        layer = make_layer("torch", args.labels, args.features, fan_in, torch.float32, device)
+        layer = make_layer(kind, args.labels, args.features, fan_in, torch.float32, device)
         optimizer = torch.optim.AdamW(layer.parameters())
-        layer(torch.randn(2, args.features, device=device)).sum().backward()
+        layer(torch.randn(2, args.features, device=device, requires_grad=True)).sum().backward()
         optimizer.step()  # creates the exp_avg / exp_avg_sq state that a reset must zero
+        ops = sparse_layer._resolve_backend(kind, torch.empty(0, device=device))
         for mode in (dict(scope="global"), dict(scope="row", reset_state=True)):
             times = []
             for step in range(args.repeats + 1):  # one warm-up
                 with Timer(device) as t:
                     stats = dst.rewire(layer, optimizer, fraction=0.2, **mode)
+                    layer(torch.randn(2, args.features, device=device))  # notices the new indices
+                    layer.transposed(ops)
                 times.append(t.ms)
             described = ", ".join(f"{k} {v}" for k, v in mode.items())
-            print(f"| {args.labels:,} | {args.features} | {fan_in} | {described} | "
+            print(f"| {args.labels:,} | {args.features} | {fan_in} | sparse/{kind} | {described} | "
                   f"{stats['rewired']:,} | {statistics.median(times[1:]):.1f} |", flush=True)
 
 
@@ -208,9 +259,9 @@ def check_step(layer, x, rows, labels):
 def bench_step(args, device):
     """A whole training step of the classifier as training runs it: forward, the squared hinge from
     the list of positives (5 per document), backward (input and weights), AdamW step. Every layer is
-    first checked against its dense float64 equivalent (check_step), then timed."""
-    gpu_kernels = device.type == "cuda" and sparse_layer.cupy_available()
-    kinds = ["dense"] + [k for k in args.layers if k != "dense" and (gpu_kernels or not k.startswith("cuda"))]
+    first checked against its dense float64 equivalent (check_step), then timed. Peak memory (GPU):
+    everything the step holds (weights, gradients, AdamW state, logits, the loss's temporaries),
+    the input batch excepted."""
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}")
     print("| L | D | B | dtype | layer | k | step ms (median) | dense / layer | step peak MB |\n" + "|---" * 9 + "|")
@@ -219,56 +270,63 @@ def bench_step(args, device):
         for batch in args.batch:
             x = torch.randn(batch, args.features, dtype=dtype, generator=generator).to(device).requires_grad_()
             rows, labels = (t.to(device) for t in random_positives(batch, args.labels, 5, generator))
-            dense_ms = None
-            for kind, fan_in in [(k, f) for f in args.fan_in for k in kinds if k != "dense" or f == args.fan_in[0]]:
+            dense_ms, kinds = None, layer_kinds(args, device, dtype)
+            for kind, fan_in in [(k, f) for f in args.fan_in for k in kinds if not k.startswith("dense") or f == args.fan_in[0]]:
                 layer = make_layer(kind, args.labels, args.features, fan_in, dtype, device)
-                check_step(layer, x, rows, labels)
-                optimizer = torch.optim.AdamW(layer.parameters())
-                times, peak = [], None
-                for step in range(args.repeats + 1):  # one warm-up step, which also creates the AdamW state
+                check_step(layer, x, rows, labels)  # in full fp32 also for dense-tf32: cuBLAS's TF32 is not ours to test
+                with tf32(kind):
+                    optimizer = torch.optim.AdamW(layer.parameters())
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                    with Timer(device) as t:
-                        optimizer.zero_grad(set_to_none=True)
-                        x.grad = None
-                        model.squared_hinge(layer(x), rows, labels).backward()
-                        optimizer.step()
-                    times.append(t.ms)
-                    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
+                    times = []
+                    for step in range(args.repeats + 1):  # one warm-up step, which also creates the AdamW state
+                        with Timer(device) as t:
+                            optimizer.zero_grad(set_to_none=True)
+                            x.grad = None
+                            model.squared_hinge(layer(x), rows, labels).backward()
+                            optimizer.step()
+                        times.append(t.ms)
+                peak = (torch.cuda.max_memory_allocated() - x.numel() * x.element_size()) / 2**20 if device.type == "cuda" else None
                 ms = statistics.median(times[1:])
                 dense_ms = dense_ms or ms
                 print(f"| {args.labels:,} | {args.features} | {batch} | {str(dtype).removeprefix('torch.')} | "
-                      f"{kind if kind == 'dense' else 'sparse/' + kind} | {'-' if kind == 'dense' else fan_in} | "
-                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {'-' if peak is None else f'{peak / 2**20:.0f}'} |",
-                      flush=True)
+                      f"{kind if kind.startswith('dense') else 'sparse/' + kind} | {'-' if kind.startswith('dense') else fan_in} | "
+                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {'-' if peak is None else f'{peak:.0f}'} |", flush=True)
                 del layer, optimizer
 
 
-def bench_memory(args, device):
-    """Peak GPU memory of AdamW training steps of the classifier alone: weights, gradients, AdamW
-    state, logits and their gradient, and the layer's temporaries; the input is not counted."""
-    print("| layer | dtype | B | k | training-step peak MB | vs dense |\n|---|---|---|---|---|---|")
-    for dtype in [getattr(torch, name) for name in args.dtype]:
-        for batch in args.batch:
-            x = torch.randn(batch, args.features, device=device, dtype=dtype, requires_grad=True)
-            dense_peak = None
-            for kind, fan_in in [("dense", "-")] + [(k, f) for f in args.fan_in for k in args.layers if k != "dense"]:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                layer = make_layer(kind, args.labels, args.features, fan_in, dtype, device)
-                optimizer = torch.optim.AdamW(layer.parameters())
-                for _ in range(2):  # the second step runs with the AdamW state in place
-                    layer(x).float().square().mean().backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                peak = torch.cuda.max_memory_allocated() - base
-                dense_peak = dense_peak or peak
-                print(f"| {kind} | {str(dtype).removeprefix('torch.')} | {batch} | {fan_in} | {peak / 2**20:.0f} | "
-                      f"{peak / dense_peak:.2f} |", flush=True)
-                del layer, optimizer
+def dlpack_argument(value):
+    """How v4 passed a tensor to a kernel: a cupy view through DLPack, made on every launch."""
+    import cupy
+    if isinstance(value, torch.Tensor):
+        return cupy.from_dlpack((value.view(torch.int16) if value.element_size() == 2 else value).detach())
+    return np.int32(value)
+
+
+def bench_launch(args, device, calls=300):
+    """Host time per forward + backward call of the cuda backend at a shape so small (L = 4,096,
+    B = 8) that the GPU waits for the host: the launch path's cost, with raw device addresses as
+    kernel arguments (v5) and with a DLPack view per tensor (v4); nn.Linear for scale."""
+    if device.type != "cuda" or not sparse_layer.cupy_available():
+        raise SystemExit("bench.py --launch times the cuda backend's launches: it needs a GPU and cupy")
+    print("| layer | kernel arguments | host µs per forward + backward |\n|---|---|---|")
+    x = torch.randn(8, args.features, device=device, requires_grad=True)
+    for kind, arguments in (("dense", None), ("cuda", sparse_layer._kernel_argument), ("cuda", dlpack_argument)):
+        layer = make_layer(kind, 4096, args.features, 32, torch.float32, device)
+        original = sparse_layer._kernel_argument
+        sparse_layer._kernel_argument = arguments or original
+        try:
+            for step in range(calls + 10):  # ten warm-up calls
+                if step == 10:
+                    torch.cuda.synchronize()
+                    started = time.perf_counter()
+                layer(x).sum().backward()
+            torch.cuda.synchronize()
+        finally:
+            sparse_layer._kernel_argument = original
+        described = "-" if arguments is None else ("raw addresses (v5)" if arguments is original else "DLPack views (v4)")
+        print(f"| {kind} | {described} | {(time.perf_counter() - started) / calls * 1e6:.0f} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,32 +428,32 @@ def main():
         return bench_step(args, device)
     if args.profile:
         args.repeats, args.inputs = 1, 1
-    if args.memory:
-        if device.type != "cuda":
-            raise SystemExit("bench.py --memory measures torch.cuda.max_memory_allocated: it needs a GPU")
-        return bench_memory(args, device)
-    gpu_kernels = device.type == "cuda" and sparse_layer.cupy_available()
-    kinds = [k for k in args.layers if gpu_kernels or not k.startswith("cuda")]
-    kinds.sort(key=lambda k: k != "dense")  # dense first: it is the baseline of each row
-    bandwidth = args.bandwidth if device.type == "cuda" else None  # floors only mean something on a GPU
+    if args.launch:
+        return bench_launch(args, device)
+    bandwidth = None  # floors only mean something on a GPU
+    if device.type == "cuda":
+        bandwidth = args.bandwidth or copy_bandwidth(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; L = {args.labels:,}, D = {args.features}; medians of {args.repeats} runs")
+    mode = f"{args.repeats} calls back to back, mean" if args.throughput else f"one call at a time, median of {args.repeats}"
+    floors = f"; DRAM floors at {bandwidth:.0f} GB/s" if bandwidth else ""
+    print(f"device: {name}; L = {args.labels:,}, D = {args.features}; {mode}{floors}")
     print(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1))
     for dtype in [getattr(torch, name) for name in args.dtype]:
         for batch in args.batch:
             # inputs need gradients, as an encoder below the classifier does: backward = grad-x + grad-w
             inputs = [torch.randn(batch, args.features, device=device, dtype=dtype, requires_grad=True)
                       for _ in range(args.inputs)]
-            dense_total = None
+            baselines = {}  # total ms of each dense kind: a dense layer does not depend on k
             for fan_in in args.fan_in:
-                for kind in kinds:
-                    if kind == "dense" and dense_total is not None:
-                        continue  # a dense layer does not depend on k: measured once per (dtype, B)
+                for kind in layer_kinds(args, device, dtype):
+                    if kind in baselines:
+                        continue
                     layer = make_layer(kind, args.labels, args.features, fan_in, dtype, device)
-                    fwd, bwd, peak = measure(layer, inputs, args.repeats)
-                    dense_total = fwd + bwd if kind == "dense" else dense_total
-                    size = (args.labels, layer_bytes(layer))
-                    print(row(kind, dtype, batch, fan_in, fwd, bwd, dense_total, peak, size,
+                    with tf32(kind):
+                        fwd, bwd = measure(layer, inputs, args.repeats, args.throughput)
+                    if kind.startswith("dense"):
+                        baselines[kind] = fwd + bwd
+                    print(row(kind, dtype, batch, fan_in, fwd, bwd, baselines, (args.labels, layer_bytes(layer)),
                               bandwidth), flush=True)
                     del layer
 

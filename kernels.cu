@@ -345,3 +345,108 @@ fixed_fanin_grad_weight_tiled(const T* grad_yT, const T* xT, const int* indices,
     }
   }
 }
+
+// =============================================================================================
+// grad-x as a gather (v5): no atomics, deterministic.
+//
+// Why. The tiled grad-x above scatters: every (label, slot, sample) is a shared-memory float
+// atomicAdd, which on sm_90 compiles to a compare-and-swap retry loop (kernels_notes.md). Read the
+// other way round, grad_xT[d, b] = sum over the (l, j) that read feature d of weight[l, j] *
+// grad_yT[l, b] is a gather, like the forward pass, if we know for every feature which (l, j)
+// read it: the transposed connectivity, which sparse_layer.transpose_connectivity builds with one
+// stable sort whenever the indices change (a rewire, a load) and never per step:
+//   order[e]               flat slot positions l * k + j, sorted by (l / GATHER_CHUNK, indices[l, j]);
+//   starts[c * D + d]      the first e of chunk c's slots that read feature d; starts[chunks * D] = L * k.
+//
+// Work split. Labels come in chunks of GATHER_CHUNK. A block stages one chunk of grad_yT (its
+// GATHER_CHUNK rows, one batch tile of TILE_B samples) in shared memory; each warp owns a run of
+// consecutive input features, so its slots in this chunk are ONE contiguous run of `order`, which
+// it streams 32 slots at a time (fetched one piece ahead, as in the tiled kernels). Lanes hold two
+// samples each; the sum for the current feature lives in two registers and is added to the
+// block's float accumulator tile in shared memory when the feature changes: a plain
+// read-modify-write, because no other warp owns that feature. The grid is (groups x feature parts
+// x batch tiles); a block walks every groups-th chunk and at the end writes its accumulators to
+// partial[group, d, b] without atomics; sparse_layer.py sums the groups (a fixed order, so two
+// runs give the same bits).
+//
+// Dynamic shared memory: [W warps x 32 Slots][chunk: GATHER_CHUNK x TILE_B of T]
+//                        [accumulators: W * features_per_warp x TILE_B floats].
+
+constexpr int GATHER_CHUNK = 256;  // labels per chunk: 64 KB of grad_yT in fp32 at TILE_B = 64
+
+// The warp's slot piece that starts at entry e of `order` (index = feature offset << 16 | local
+// label, as the loop below unpacks it); weight 0 and index of feature 0 past `end`.
+template <typename T>
+__device__ inline Slot load_transposed_slot(const T* weight, const int* indices, const int* order, int e,
+                                            int end, long long first_label, int first_feature,
+                                            int fan_in, int lane) {
+  Slot s = {0, 0.0f};
+  if (e + lane < end) {
+    const int position = order[e + lane];
+    s.index = ((indices[position] - first_feature) << 16) | (int)(position / fan_in - first_label);
+    s.weight = to_float(weight[position]);
+  }
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024, 1)
+fixed_fanin_grad_input_gather(const T* grad_yT, const T* weight, const int* indices, const int* order,
+                              const int* starts, float* partial, int num_labels, int fan_in, int batch,
+                              int in_features, int features_per_warp, int groups) {
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+  Slot* slots = (Slot*)shared_memory() + warp * WARP;
+  T* chunk_grad = (T*)((Slot*)shared_memory() + warps * WARP);
+  float* sums = (float*)(chunk_grad + GATHER_CHUNK * TILE_B);
+  // This block: group g of the chunks, feature part p, batch tile t.
+  const int features_per_block = warps * features_per_warp;
+  const int parts = (in_features + features_per_block - 1) / features_per_block;
+  const int g = blockIdx.x % groups, p = blockIdx.x / groups % parts, b0 = blockIdx.x / groups / parts * TILE_B;
+  const int first_feature = p * features_per_block + warp * features_per_warp;  // this warp's run
+  const int last_feature = first_feature + features_per_warp < in_features ? first_feature + features_per_warp
+                                                                          : in_features;  // exclusive
+  const int num_chunks = (num_labels + GATHER_CHUNK - 1) / GATHER_CHUNK;
+  for (int e = threadIdx.x; e < features_per_block * TILE_B; e += blockDim.x) sums[e] = 0.0f;
+  float* my_sums = sums + warp * features_per_warp * TILE_B + 2 * lane;
+  for (int c = g; c < num_chunks; c += groups) {
+    const long long first_label = (long long)c * GATHER_CHUNK;
+    __syncthreads();  // everybody is done with the previous chunk
+    for (int e = threadIdx.x; e < GATHER_CHUNK * TILE_B; e += blockDim.x) {
+      const long long label = first_label + e / TILE_B;
+      const int b = b0 + e % TILE_B;
+      chunk_grad[e] = label < num_labels && b < batch ? grad_yT[label * batch + b] : from_float<T>(0.0f);
+    }
+    __syncthreads();
+    if (first_feature >= last_feature) continue;  // a warp past D (the last part) has no features
+    const int begin = starts[(long long)c * in_features + first_feature];
+    const int end = starts[(long long)c * in_features + last_feature];
+    Slot next = load_transposed_slot(weight, indices, order, begin, end, first_label, first_feature, fan_in, lane);
+    int feature = 0;  // offset of the feature whose sum acc0, acc1 hold
+    float acc0 = 0.0f, acc1 = 0.0f;
+    for (int e0 = begin; e0 < end; e0 += WARP) {
+      publish_slots(slots, next, lane);
+      next = load_transposed_slot(weight, indices, order, e0 + WARP, end, first_label, first_feature, fan_in, lane);
+      const int n = end - e0 < WARP ? end - e0 : WARP;
+#pragma unroll 4
+      for (int j = 0; j < n; ++j) {
+        const Slot s = slots[j];
+        if (s.index >> 16 != feature) {  // the same for the whole warp: the run moved on a feature
+          my_sums[feature * TILE_B] += acc0;
+          my_sums[feature * TILE_B + 1] += acc1;
+          feature = s.index >> 16;
+          acc0 = acc1 = 0.0f;
+        }
+        Two<T> gy = *(const Two<T>*)(chunk_grad + (s.index & 0xffff) * TILE_B + 2 * lane);
+        acc0 += s.weight * to_float(gy.a);
+        acc1 += s.weight * to_float(gy.b);
+      }
+    }
+    my_sums[feature * TILE_B] += acc0;
+    my_sums[feature * TILE_B + 1] += acc1;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < features_per_block * TILE_B; e += blockDim.x) {
+    const int d = p * features_per_block + e / TILE_B, b = b0 + e % TILE_B;
+    if (d < in_features && b < batch) partial[((long long)g * in_features + d) * batch + b] = sums[e];
+  }
+}

@@ -13,13 +13,20 @@ feature, so that gathering the features of a label reads whole rows):
   * "torch": embedding_bag, index_add_ and gathers in label chunks, on the CPU or any GPU; it
     never builds a dense [L, D] matrix nor a [B, L, k] tensor larger than CHUNK_ELEMENTS;
   * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
-    set where a tile of xT fits in shared memory, the simple set otherwise ("cuda-simple": the
-    simple set always, to compare the two).
+    forward and grad-w kernels where a tile of xT fits in shared memory and grad-x as a gather
+    over the transposed connectivity; "cuda-v4": grad-x by shared-memory atomics instead (the
+    previous version, kept to compare); "cuda-simple": the simple, correct-first kernels always.
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
+
+The input gradient reads the connectivity the other way round (for every input feature, the
+(label, slot) pairs that read it). transpose_connectivity builds that transposed copy with one
+stable sort; FixedFanInLinear keeps it until its indices change (a rewire, a load), and it is
+never saved in a checkpoint.
 """
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +37,10 @@ from torch.nn import functional as F
 # on 2 cores at L = 50k, k = 32, B = 64, 64 MB chunks made both gradients 2-3x slower (they stop
 # fitting in cache). GPU: 256 MB, since there every chunk costs a few kernel launches.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
-BACKENDS = ("auto", "torch", "cuda", "cuda-simple")  # cuda-simple: never the tiled kernels
+# Labels per chunk of the torch backend's grad-x gather: on the CPU, the chunk's rows of grad_yT
+# stay in cache while every feature's bag reads them; a GPU takes all labels in one call.
+GATHER_LABELS = {"cpu": 2048, "cuda": 1 << 31}
+BACKENDS = ("auto", "torch", "cuda", "cuda-v4", "cuda-simple")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +57,30 @@ def _label_chunks(num_labels, fan_in, batch, device):
         yield slice(start, min(start + step, num_labels))
 
 
+class Transposed(NamedTuple):
+    """The connectivity read by input feature: `order` [L*k] holds the flat slot positions l*k + j
+    sorted by (l // chunk, indices[l, j]), `starts` [chunks*D + 1] where chunk c's slots that read
+    feature d begin (int32 both, as the kernels read them)."""
+    order: torch.Tensor
+    starts: torch.Tensor
+    chunk: int
+
+
+def transpose_connectivity(indices, in_features, chunk):
+    """Transposed(order, starts) of indices [L, k] for label chunks of `chunk` labels. One stable
+    sort: within a chunk and feature, slots keep their order (so sums run in a fixed order)."""
+    labels, fan_in = indices.shape
+    if labels * fan_in >= 2**31:
+        raise ValueError(f"L * k = {labels * fan_in:,} slots: the transposed connectivity indexes them with int32")
+    chunks = max(1, math.ceil(labels / chunk))
+    chunk_of_slot = (torch.arange(labels, device=indices.device) // chunk).repeat_interleave(fan_in)
+    keys = chunk_of_slot * in_features + indices.reshape(-1).long()
+    keys, order = torch.sort(keys, stable=True)
+    starts = torch.zeros(chunks * in_features + 1, dtype=torch.int32, device=indices.device)
+    starts[1:] = torch.bincount(keys, minlength=chunks * in_features).cumsum(0)
+    return Transposed(order.int(), starts, chunk)
+
+
 class TorchOps:
     @staticmethod
     def forward(xT, weight, indices, bias):
@@ -61,13 +95,23 @@ class TorchOps:
         return yT
 
     @staticmethod
-    def grad_input(grad_yT, weight, indices, in_features):
+    def transpose(indices, in_features):
+        return transpose_connectivity(indices, in_features, GATHER_LABELS.get(indices.device.type, GATHER_LABELS["cpu"]))
+
+    @staticmethod
+    def grad_input(grad_yT, weight, indices, in_features, transposed):
+        # A gather, like the forward pass: bag d of chunk c sums the rows grad_yT[l] of the slots
+        # (l, j) of that chunk that read feature d, each scaled by weight[l, j].
         acc = _accumulation_dtype(grad_yT.dtype)
+        grad_yT_acc = grad_yT.to(acc)
+        order, starts, _ = transposed
+        labels = order // indices.shape[1]
+        weights = weight.reshape(-1).to(acc)[order]
         grad_xT = torch.zeros(in_features, grad_yT.shape[1], dtype=acc, device=grad_yT.device)
-        for rows in _label_chunks(*weight.shape, grad_yT.shape[1], grad_yT.device):
-            # contribution of (l, j) to feature indices[l, j]: weight[l, j] * grad_y[:, l]
-            parts = weight[rows, :, None].to(acc) * grad_yT[rows, None, :].to(acc)  # [c, k, B]
-            grad_xT.index_add_(0, indices[rows].reshape(-1), parts.reshape(-1, grad_yT.shape[1]))
+        bounds = starts[::in_features].tolist()  # where each chunk's slots begin and end
+        for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            offsets = starts[c * in_features:(c + 1) * in_features] - lo
+            grad_xT += F.embedding_bag(labels[lo:hi], grad_yT_acc, offsets, per_sample_weights=weights[lo:hi], mode="sum")
         return grad_xT.to(grad_yT.dtype)
 
     @staticmethod
@@ -83,14 +127,14 @@ class TorchOps:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend "cuda": kernels.cu through cupy, zero-copy via DLPack, on PyTorch's current stream.
+# Backend "cuda": kernels.cu through cupy, on PyTorch's current stream.
 
 SIMPLE_KERNELS = ("fixed_fanin_forward", "fixed_fanin_grad_input", "fixed_fanin_grad_weight")
-KERNEL_NAMES = SIMPLE_KERNELS + tuple(name + "_tiled" for name in SIMPLE_KERNELS)
+KERNEL_NAMES = SIMPLE_KERNELS + tuple(name + "_tiled" for name in SIMPLE_KERNELS) + ("fixed_fanin_grad_input_gather",)
 KERNEL_TYPES = {torch.float32: "float", torch.float16: "half16", torch.bfloat16: "bfloat16"}
 THREADS_PER_BLOCK = 256  # simple kernels
 MAX_BLOCKS = 1 << 20  # simple kernels loop grid-stride over what one launch does not cover
-TILE_B, SLOT_BYTES = 64, 8  # as in kernels.cu: samples per tile, sizeof(Slot)
+TILE_B, SLOT_BYTES, GATHER_CHUNK = 64, 8, 256  # as in kernels.cu
 
 
 def launch_config(num_threads):
@@ -130,14 +174,6 @@ def _cupy_stream(pointer, device_index):
     return cupy.cuda.ExternalStream(pointer, device_index)
 
 
-def _as_cupy(tensor):
-    """A zero-copy cupy view; 16-bit floats travel as int16 (cupy has no bfloat16)."""
-    import cupy
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.view(torch.int16)
-    return cupy.from_dlpack(tensor.detach())
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel(name, shared_bytes):
     """A compiled kernel allowed `shared_bytes` of dynamic shared memory (past 48 KB, CUDA wants
@@ -148,28 +184,42 @@ def _kernel(name, shared_bytes):
     return kernel
 
 
+def _kernel_argument(value):
+    """Tensors travel as their raw device address (a pointer is 8 bytes), ints as 32-bit ints.
+    v4 wrapped every tensor in a cupy DLPack view instead, on every launch: host time that the
+    GPU spent idle (kernels_notes.md measures both)."""
+    if isinstance(value, torch.Tensor):
+        return np.uint64(value.data_ptr())
+    return np.int32(value)
+
+
 def _launch(name, dtype, blocks, threads, shared_bytes, *args):
     import cupy
     kernel = _kernel(f"{name}<{KERNEL_TYPES[dtype]}>", shared_bytes)
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    device = args[0].device
     # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
     with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device).cuda_stream, device.index):
-        # Python ints would be passed as 64-bit; the kernels take 32-bit ints.
-        args = tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else np.int32(a) for a in args)
-        kernel((blocks,), (threads,), args, shared_mem=shared_bytes)  # cupy raises if the launch fails
+        kernel((blocks,), (threads,), tuple(map(_kernel_argument, args)), shared_mem=shared_bytes)
 
 
 class CudaOps:
     """The kernels of kernels.cu: tiled where the activation tile fits in shared memory, else
-    simple. `launch` and `limits` are the seams the CPU shim tests replace."""
+    simple; grad-x as a gather where its chunk fits. `launch` and `limits` are the seams the CPU
+    shim tests replace."""
     launch = staticmethod(_launch)
     tile_threads = 1024
     use_tiles = True
+    gather = True  # grad-x from the transposed connectivity (v5); False: shared-memory atomics (v4)
+    gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
 
     @staticmethod
     def limits(device):
         """(multiprocessors, shared bytes one block may have, shared bytes per multiprocessor)."""
         return _gpu_limits(device.index)
+
+    @classmethod
+    def transpose(cls, indices, in_features):
+        return transpose_connectivity(indices, in_features, cls.gather_chunk) if cls.gather and cls.use_tiles else None
 
     @classmethod
     def tiled_launch(cls, device, tile_bytes, num_labels):
@@ -183,6 +233,26 @@ class CudaOps:
         resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
         blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
         return blocks, cls.tile_threads, shared
+
+    @classmethod
+    def gather_launch(cls, device, element_size, num_labels, batch, in_features):
+        """(blocks, threads, shared bytes, features per warp, groups) of the gather grad-x kernel,
+        or None where even one feature per warp does not fit. The block's accumulators for its
+        features are the large part of its shared memory: where all D do not fit, the features
+        are split into parts (each part reads grad_yT once more). One block per multiprocessor."""
+        multiprocessors, per_block, _ = cls.limits(device)
+        warps = cls.tile_threads // 32
+        fixed = cls.tile_threads * SLOT_BYTES + cls.gather_chunk * TILE_B * element_size
+        for parts in range(1, in_features + 1):
+            per_warp = math.ceil(in_features / (warps * parts))
+            shared = fixed + warps * per_warp * TILE_B * 4
+            if shared <= per_block:
+                break
+        else:
+            return None
+        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(batch / TILE_B)
+        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // (parts * tiles)))
+        return groups * parts * tiles, cls.tile_threads, shared, per_warp, groups
 
     @classmethod
     def forward(cls, xT, weight, indices, bias):
@@ -200,12 +270,20 @@ class CudaOps:
         return yT
 
     @classmethod
-    def grad_input(cls, grad_yT, weight, indices, in_features):
+    def grad_input(cls, grad_yT, weight, indices, in_features, transposed):
         (labels, fan_in), batch = weight.shape, grad_yT.shape[1]
-        # float32 buffer: the kernels accumulate with float atomics
+        if in_features * batch == 0 or weight.numel() == 0:
+            return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device)
+        gather = transposed and cls.gather_launch(grad_yT.device, grad_yT.element_size(), labels, batch, in_features)
+        if gather:  # each group of chunks sums into its own slice; the slices are added in a fixed order
+            blocks, threads, shared, per_warp, groups = gather
+            partial = torch.empty(groups, in_features, batch, dtype=torch.float32, device=grad_yT.device)
+            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, blocks, threads, shared,
+                       grad_yT, weight, indices, transposed.order, transposed.starts, partial,
+                       labels, fan_in, batch, in_features, per_warp, groups)
+            return partial.sum(0).to(grad_yT.dtype)
+        # float32 buffer: the scatter kernels accumulate with float atomics
         grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
-        if grad_xT.numel() == 0 or weight.numel() == 0:
-            return grad_xT.to(grad_yT.dtype)
         tiled = cls.tiled_launch(grad_yT.device, in_features * TILE_B * 4, labels)
         if tiled:
             cls.launch("fixed_fanin_grad_input_tiled", grad_yT.dtype, *tiled,
@@ -232,6 +310,11 @@ class CudaOps:
         return grad_weight
 
 
+class AtomicCudaOps(CudaOps):
+    """Backend "cuda-v4": grad-x by shared-memory atomics (the v4 kernels), to compare with v5."""
+    gather = False
+
+
 class SimpleCudaOps(CudaOps):
     """Backend "cuda-simple": the simple kernels whatever the size (bench.py compares the sets)."""
     use_tiles = False
@@ -243,13 +326,15 @@ class SimpleCudaOps(CudaOps):
 class _FixedFanIn(torch.autograd.Function):
     """y = fixed fan-in product of x[B, D] plus bias; differentiable in x, weight and bias, not in
     indices. y is returned as the transpose of the backends' yT[L, B]: elementwise ops after it
-    keep that layout, so the gradient arrives as [L, B] again and needs no transposing copy."""
+    keep that layout, so the gradient arrives as [L, B] again and needs no transposing copy.
+    `transposed` is a function giving the transposed connectivity, called only if grad-x is
+    needed (a module returns its kept copy)."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices, bias, ops):
+    def forward(ctx, x, weight, indices, bias, ops, transposed):
         xT = x.t().contiguous()
         ctx.save_for_backward(xT, weight, indices)
-        ctx.ops = ops
+        ctx.ops, ctx.transposed = ops, transposed
         return ops.forward(xT, weight, indices, bias).t()
 
     @staticmethod
@@ -258,12 +343,12 @@ class _FixedFanIn(torch.autograd.Function):
         grad_yT = grad_y.t().contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0]).t()
+            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.transposed()).t()
         if ctx.needs_input_grad[1]:
             grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_yT.sum(1, dtype=_accumulation_dtype(grad_yT.dtype)).to(grad_yT.dtype)
-        return grad_x, grad_weight, None, grad_bias, None
+        return grad_x, grad_weight, None, grad_bias, None, None
 
 
 def _resolve_backend(backend, x):
@@ -278,7 +363,7 @@ def _resolve_backend(backend, x):
             raise ValueError(f"backend={backend!r} needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
         if x.dtype not in KERNEL_TYPES:
             raise ValueError(f"backend={backend!r} supports {list(KERNEL_TYPES)}, got {x.dtype}")
-        return SimpleCudaOps if backend == "cuda-simple" else CudaOps
+        return {"cuda": CudaOps, "cuda-v4": AtomicCudaOps, "cuda-simple": SimpleCudaOps}[backend]
     return TorchOps
 
 
@@ -303,20 +388,23 @@ def _check_arguments(x, weight, indices, bias, check_indices):
             raise ValueError(f"indices must lie in [0, {x.shape[-1]}), got values in [{int(low)}, {int(high)}]")
 
 
-def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True):
+def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, transposed=None):
     """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
 
     Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
     ones raise ValueError unless check_indices=False (for callers that checked them already). The
-    weight and bias are used in x's dtype, as autocast does for a dense layer.
+    weight and bias are used in x's dtype, as autocast does for a dense layer. `transposed`: a
+    function of the backend's ops returning the transposed connectivity of `indices` (a
+    FixedFanInLinear passes its kept copy); by default the backward pass builds it afresh.
     """
     _check_arguments(x, weight, indices, bias, check_indices)
     ops = _resolve_backend(backend, x)
     x2d = x.reshape(-1, x.shape[-1])
+    indices = indices.to(torch.int32).contiguous()
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
-    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices.to(torch.int32).contiguous(),
-                          bias.to(x.dtype).contiguous(), ops)
+    transpose = (lambda: transposed(ops)) if transposed else (lambda: ops.transpose(indices, x.shape[-1]))
+    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops, transpose)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -359,6 +447,7 @@ class FixedFanInLinear(nn.Module):
         self.register_buffer("indices", random_distinct_indices(out_features, in_features, fan_in, generator))
         self.reset_parameters(generator)
         self._checked_indices = None  # (address, version) of the indices last found in range
+        self._transposed = {}  # the transposed connectivity of those indices, by backend ops
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):
@@ -370,13 +459,23 @@ class FixedFanInLinear(nn.Module):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        # Check the indices' range only after they changed (rewiring, loading, moving): the check
-        # reads all of them and syncs with the GPU, which cost more than the forward kernel itself.
+        # Check the indices' range, and forget their transposed copy, only after they changed
+        # (rewiring, loading, moving): the check reads all of them and syncs with the GPU, which
+        # cost more than the forward kernel itself, and the copy takes a sort to build.
         version = (self.indices.data_ptr(), self.indices._version)
+        changed = version != self._checked_indices
+        if changed:
+            self._transposed = {}
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
-                               check_indices=version != self._checked_indices)
+                               check_indices=changed, transposed=self.transposed)
         self._checked_indices = version
         return y
+
+    def transposed(self, ops):
+        """The transposed connectivity of the current indices for `ops`, built on first use."""
+        if ops not in self._transposed:
+            self._transposed[ops] = ops.transpose(self.indices.int(), self.in_features)
+        return self._transposed[ops]
 
     def to_dense(self):
         """The equivalent dense [L, D] weight matrix. For tests and teaching only: at XMC scale it

@@ -25,6 +25,18 @@
   EXPORT_GRAD(fixed_fanin_grad_input_tiled, suffix, T, float, tiled)                            \
   EXPORT_GRAD(fixed_fanin_grad_weight_tiled, suffix, T, float, tiled)
 
+#define EXPORT_GATHER(T, suffix)                                                                \
+  extern "C" void fixed_fanin_grad_input_gather_##suffix(                                      \
+      unsigned grid, unsigned block, unsigned shared, const T* g, const T* w, const int* idx,   \
+      const int* order, const int* starts, float* partial, int L, int k, int B, int D,          \
+      int features_per_warp, int groups) {                                                      \
+    launch(fixed_fanin_grad_input_gather<T>, grid, block, shared, g, w, idx, order, starts,     \
+           partial, L, k, B, D, features_per_warp, groups);                                     \
+  }
+
+EXPORT_GATHER(float, float32)
+EXPORT_GATHER(half16, float16)
+EXPORT_GATHER(bfloat16, bfloat16)
 EXPORT_KERNELS(float, float32)
 EXPORT_KERNELS(half16, float16)
 EXPORT_KERNELS(bfloat16, bfloat16)

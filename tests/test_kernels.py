@@ -34,8 +34,20 @@ def test_kernels_compile_with_nvcc(tmp_path, arch):
         assert symbols.count(name.encode()) >= 3, f"{name} missing for some dtype"
 
 
-def build_shim(directory, kernel_source):
-    """Compile tests/kernel_shim.cpp against `kernel_source` (the text of a kernels.cu)."""
+CHUNK_LINE = "constexpr int GATHER_CHUNK = 256;"
+SMALL_CHUNK = 4  # labels per chunk in the shim's second build: small problems span many chunks
+
+
+class Shim(ctypes.CDLL):
+    gather_chunk = sparse_layer.GATHER_CHUNK
+
+
+def build_shim(directory, kernel_source, gather_chunk=None):
+    """Compile tests/kernel_shim.cpp against `kernel_source` (the text of a kernels.cu), with
+    GATHER_CHUNK changed to `gather_chunk` if given, and load it."""
+    assert CHUNK_LINE in kernel_source
+    if gather_chunk:
+        kernel_source = kernel_source.replace(CHUNK_LINE, f"constexpr int GATHER_CHUNK = {gather_chunk};")
     (directory / "tests").mkdir(parents=True, exist_ok=True)
     for name in ("kernel_shim.cpp", "cuda_shim.h"):
         shutil.copy(ROOT / "tests" / name, directory / "tests" / name)
@@ -44,7 +56,9 @@ def build_shim(directory, kernel_source):
     subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror",
                     "-Wno-unknown-pragmas",  # g++ does not know CUDA's #pragma unroll
                     str(directory / "tests" / "kernel_shim.cpp"), "-o", str(library)], check=True)
-    return ctypes.CDLL(str(library))
+    shim = Shim(str(library))
+    shim.gather_chunk = gather_chunk or sparse_layer.GATHER_CHUNK
+    return shim
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +68,20 @@ def shim(tmp_path_factory):
     return build_shim(tmp_path_factory.mktemp("shim"), (ROOT / "kernels.cu").read_text())
 
 
-def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2):
+@pytest.fixture(scope="session")
+def small_chunk_shim(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    return build_shim(tmp_path_factory.mktemp("shim_small"), (ROOT / "kernels.cu").read_text(), SMALL_CHUNK)
+
+
+def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2, gather=True, room=None):
     """sparse_layer.CudaOps with its launcher swapped for one that runs the kernel on the CPU.
 
     tiled=False: the simple kernels, with at most `max_blocks` blocks (fewer blocks than work
     exercises the grid-stride loops). tiled=True: the tiled kernels with 2 warps a block on a
-    pretend GPU of `multiprocessors` multiprocessors with room for one block each.
+    pretend GPU of `multiprocessors` multiprocessors with `room` shared bytes a block (default:
+    enough for any test tile), grad-x as a gather (gather=True) or by atomics (the v4 kernels).
     """
 
     def launch(name, dtype, blocks, threads, shared_bytes, *args):
@@ -70,23 +92,36 @@ def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2):
                      for a in args]
         function(ctypes.c_uint(blocks), ctypes.c_uint(threads), ctypes.c_uint(shared_bytes), *arguments)
 
-    room = 1 << 20 if tiled else 0  # shared bytes per block: enough for any test tile, or none
+    room = room or (1 << 20 if tiled else 0)
     return type("ShimOps", (sparse_layer.CudaOps,), {
-        "launch": staticmethod(launch), "tile_threads": 64,
+        "launch": staticmethod(launch), "tile_threads": 64, "use_tiles": tiled, "gather": gather,
+        "gather_chunk": library.gather_chunk,
         "limits": staticmethod(lambda device: (multiprocessors, room, room + 1024))})
 
 
+# The gather's fixed shared memory on the shim (2 warps, fp32, chunks of SMALL_CHUNK labels) plus
+# room for 2 features per warp: D > 4 splits the features into parts.
+TWO_FEATURES_A_WARP = 64 * sparse_layer.SLOT_BYTES + SMALL_CHUNK * sparse_layer.TILE_B * 4 + 2 * 2 * sparse_layer.TILE_B * 4
 KERNEL_SETS = {"simple": dict(tiled=False), "simple, 1 block": dict(tiled=False, max_blocks=1),
                "simple, 2 blocks": dict(tiled=False, max_blocks=2),
                "tiled": dict(tiled=True), "tiled, 1 block": dict(tiled=True, multiprocessors=1),
-               "tiled, 3 blocks": dict(tiled=True, multiprocessors=3)}
+               "tiled, 3 blocks": dict(tiled=True, multiprocessors=3),
+               "tiled v4 (atomics)": dict(tiled=True, gather=False),
+               "gather, small chunks": dict(tiled=True, multiprocessors=5, small=True),
+               "gather, small chunks, feature parts": dict(tiled=True, multiprocessors=7, small=True,
+                                                           room=TWO_FEATURES_A_WARP)}
+
+
+def kernel_set(name, shim, small_chunk_shim):
+    options = dict(KERNEL_SETS[name])
+    return shim_ops(small_chunk_shim if options.pop("small", False) else shim, **options)
 
 
 @pytest.mark.parametrize("dtype", list(SHIM_DTYPES))
 @settings(max_examples=25, deadline=None)
 @given(problem=problems(max_size=40), kernels=st.sampled_from(list(KERNEL_SETS)))
-def test_shim_kernels_match_dense_reference(shim, dtype, problem, kernels):
-    ops = shim_ops(shim, **KERNEL_SETS[kernels])
+def test_shim_kernels_match_dense_reference(shim, small_chunk_shim, dtype, problem, kernels):
+    ops = kernel_set(kernels, shim, small_chunk_shim)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sparse_layer, "_resolve_backend", lambda backend, x: ops)
         check_against_reference(problem, "cuda", dtype)
@@ -104,21 +139,34 @@ def test_tiled_shim_kernels_on_several_batch_tiles(shim, dtype):
         check_against_reference(problem, "cuda", dtype)
 
 
-@pytest.mark.parametrize("tiled, mutation", [
-    (False, ("for (int j = 0; j < fan_in; ++j) acc +=", "for (int j = 1; j < fan_in; ++j) acc +=")),  # forward
-    (False, ("if (g == 0.0f) continue;", "if (g != 0.0f) continue;")),  # grad_input
-    (False, ("for (int b = 0; b < batch; ++b)", "for (int b = 0; b + 1 < batch; ++b)")),  # grad_weight
-    (True, ("acc1 += slots[j].weight", "acc1 += 0 * slots[j].weight")),  # forward, odd samples
-    (True, ("if (b0 + c < batch && tile[e] != 0.0f)", "if (b0 + c + 1 < batch && tile[e] != 0.0f)")),  # grad_input flush
-    (True, ("(upper ? high : low) + __shfl_xor_sync", "(upper ? low : high) + __shfl_xor_sync")),  # grad_weight sums
-    (True, ("*out = (b0 == 0 ? 0.0f : *out) + mine;", "*out = mine;")),  # grad_weight over batch tiles
-    (True, ("atomicAdd(row + lane + WARP, g1", "atomicAdd(row + lane, g1")),  # grad_input lanes
+SIMPLE, TILED_V4 = dict(tiled=False), dict(tiled=True, gather=False)
+GATHER = dict(tiled=True, multiprocessors=5, small=True)  # 2 chunks, 2 groups, 2 batch tiles below
+
+
+@pytest.mark.parametrize("options, mutation", [
+    (SIMPLE, ("for (int j = 0; j < fan_in; ++j) acc +=", "for (int j = 1; j < fan_in; ++j) acc +=")),  # forward
+    (SIMPLE, ("if (g == 0.0f) continue;", "if (g != 0.0f) continue;")),  # grad_input
+    (SIMPLE, ("for (int b = 0; b < batch; ++b)", "for (int b = 0; b + 1 < batch; ++b)")),  # grad_weight
+    (TILED_V4, ("acc1 += slots[j].weight", "acc1 += 0 * slots[j].weight")),  # forward, odd samples
+    (TILED_V4, ("if (b0 + c < batch && tile[e] != 0.0f)", "if (b0 + c + 1 < batch && tile[e] != 0.0f)")),  # grad_input flush
+    (TILED_V4, ("(upper ? high : low) + __shfl_xor_sync", "(upper ? low : high) + __shfl_xor_sync")),  # grad_weight sums
+    (TILED_V4, ("*out = (b0 == 0 ? 0.0f : *out) + mine;", "*out = mine;")),  # grad_weight over batch tiles
+    (TILED_V4, ("atomicAdd(row + lane + WARP, g1", "atomicAdd(row + lane, g1")),  # grad_input lanes
+    # the gather grad-x: the last feature's sum of a chunk, a feature change, the group stride,
+    # the batch tile of the output, the chunk-local label
+    (GATHER, ("    my_sums[feature * TILE_B] += acc0;\n    my_sums[feature * TILE_B + 1] += acc1;\n  }", "  }")),
+    (GATHER, ("          acc0 = acc1 = 0.0f;", "          acc0 = 0.0f;")),
+    (GATHER, ("for (int c = g; c < num_chunks; c += groups)", "for (int c = g; c < num_chunks; c += 1)")),
+    (GATHER, ("partial[((long long)g * in_features + d) * batch + b]", "partial[((long long)g * in_features + d) * batch + b0]")),
+    (GATHER, ("(int)(position / fan_in - first_label)", "(int)(position / fan_in)")),
 ])
-def test_a_broken_kernel_is_caught(shim, tmp_path, tiled, mutation):
+def test_a_broken_kernel_is_caught(tmp_path, options, mutation):
     """The comparison above can fail: a kernels.cu with one deliberate bug must not pass it."""
     source = (ROOT / "kernels.cu").read_text()
     assert mutation[0] in source
-    broken = shim_ops(build_shim(tmp_path, source.replace(mutation[0], mutation[1])), tiled=tiled)
+    options = dict(options)
+    chunk = SMALL_CHUNK if options.pop("small", False) else None
+    broken = shim_ops(build_shim(tmp_path, source.replace(mutation[0], mutation[1]), chunk), **options)
     generator = torch.Generator().manual_seed(1)
     problem = {"x": torch.randn(70, 6, generator=generator), "weight": torch.randn(5, 3, generator=generator),
                "indices": torch.randint(0, 6, (5, 3), generator=generator, dtype=torch.int32),

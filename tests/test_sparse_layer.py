@@ -212,3 +212,66 @@ def test_module_checks_indices_again_after_they_change():
     layer.indices[0, 0] = 6  # out of range, written in place as a buggy rewire might
     with pytest.raises(ValueError, match=r"\[0, 6\)"):
         layer(torch.randn(3, 6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_size=20), st.integers(1, 25))
+def test_transposed_connectivity_lists_every_slot_by_chunk_and_feature(problem, chunk):
+    """Brute force: chunk c's slots that read feature d are exactly order[starts[c*D+d]:starts[c*D+d+1]],
+    in slot order."""
+    indices = problem["indices"]
+    (labels, fan_in), in_features = indices.shape, problem["x"].shape[1]
+    order, starts, _ = sparse_layer.transpose_connectivity(indices, in_features, chunk)
+    assert order.dtype == starts.dtype == torch.int32
+    chunks = -(-labels // chunk)
+    assert starts.shape == (chunks * in_features + 1,) and int(starts[-1]) == labels * fan_in
+    for c in range(chunks):
+        for d in range(in_features):
+            expected = [l * fan_in + j for l in range(c * chunk, min((c + 1) * chunk, labels))
+                        for j in range(fan_in) if indices[l, j] == d]
+            assert order[starts[c * in_features + d]:starts[c * in_features + d + 1]].tolist() == expected
+
+
+MODULE_BACKENDS = ["torch"] + (["cuda", "cuda-v4"] if GPU else [])
+
+
+@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+def test_module_gradients_follow_new_indices_after_a_rewire_and_a_load(backend):
+    """The module keeps its transposed connectivity between steps; after the indices change in
+    place (as dst.rewire does) or are loaded, grad-x must follow the new ones."""
+    device = "cuda" if backend.startswith("cuda") else "cpu"
+    generator = torch.Generator().manual_seed(4)
+    layer = FixedFanInLinear(30, 300, 5, backend=backend, generator=generator).to(device)
+    other = FixedFanInLinear(30, 300, 5, generator=generator).to(device)
+    x = torch.randn(7, 30, generator=generator).to(device)
+
+    def check():
+        x_ = x.clone().requires_grad_()
+        layer(x_).square().sum().backward()
+        x64 = x.double().requires_grad_()
+        (x64 @ layer.to_dense().double().T + layer.bias.double()).square().sum().backward()
+        torch.testing.assert_close(x_.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+    check()
+    with torch.no_grad():
+        layer.indices[:, 0] = (layer.indices[:, 0] + 1) % 30  # rows may now repeat a feature: allowed
+    check()
+    layer.load_state_dict(other.state_dict())
+    check()
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_grad_input_is_the_same_bits_every_run(dtype):
+    """The gather grad-x has no float atomics: two runs on the same input give identical bits."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    layer = FixedFanInLinear(768, 20_000, 32, backend="cuda").to("cuda", dtype)
+    x = torch.randn(128, 768, device="cuda", dtype=dtype, generator=generator).requires_grad_()
+    grad_y = torch.randn(128, 20_000, device="cuda", dtype=dtype, generator=generator)
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        layer(x).backward(grad_y)
+        grads.append(x.grad.clone())
+    assert torch.equal(grads[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       grads[1].view(torch.int16 if dtype != torch.float32 else torch.int32))
