@@ -31,7 +31,10 @@ def global_counts(magnitudes, total):
     cut are taken in row-major order, so exactly `total` entries are chosen."""
     if total == 0:
         return torch.zeros(magnitudes.shape[0], dtype=torch.int64, device=magnitudes.device)
-    cut = magnitudes.flatten().kthvalue(total).values  # the total-th smallest value
+    flat = magnitudes.flatten()
+    # the total-th smallest value. On a GPU, kthvalue of one long row ran at ~7 ns an element
+    # (185 ms at Amazon-670K, k = 32, on an H200); a full sort takes a few ms there.
+    cut = flat.sort().values[total - 1] if flat.is_cuda else flat.kthvalue(total).values
     below = magnitudes < cut
     ties = (magnitudes == cut).flatten()
     ties &= ties.cumsum(0) <= total - below.sum()

@@ -119,28 +119,77 @@ class XMCModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses, from the list of positives: never a dense [B, L] label matrix.
+# Losses, from the list of positives: never a dense [B, L] label matrix, and no fp32 [B, L]
+# temporaries either (at Amazon-3M, B = 128, each would be 1.44 GB): the loss is computed over label
+# chunks, and its gradient is written during the forward pass into one buffer of the scores' dtype
+# and layout, which is all the backward pass needs.
+
+# Elements of a label chunk, by device type: the chunk's fp32 temporaries stay small (CPU: 16 MB,
+# in cache; GPU: 128 MB, few launches).
+LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+
+
+def _hinge_negative(s):  # max(0, 1 + s)^2 and its slope, for y = -1
+    margin = torch.relu(1 + s)
+    return margin.square().sum(), margin.mul_(2)
+
+
+def _hinge_positive(s):  # max(0, 1 - s)^2 and its slope, for y = +1
+    margin = torch.relu(1 - s)
+    return margin.square().sum(), margin.mul_(-2)
+
+
+def _bce_negative(s):  # -log(1 - sigmoid(s)) = softplus(s)
+    return F.softplus(s).sum(), torch.sigmoid(s)
+
+
+def _bce_positive(s):  # -log(sigmoid(s)) = softplus(s) - s
+    return (F.softplus(s) - s).sum(), torch.sigmoid(s) - 1
+
+
+class _LabelLoss(torch.autograd.Function):
+    """scale * (sum over (b, l) of the per-label loss), every label taken as a negative, then the
+    positives' terms swapped; the gradient is written chunk by chunk as the loss is summed."""
+
+    @staticmethod
+    def forward(ctx, scores, rows, labels, negative, positive, scale):
+        grad = torch.empty_like(scores)  # same strides: [B, L] views of [L, B] stay that way
+        total = torch.zeros((), dtype=torch.float32, device=scores.device)
+        step = max(1, LOSS_CHUNK_ELEMENTS.get(scores.device.type, LOSS_CHUNK_ELEMENTS["cpu"]) // max(1, scores.shape[0]))
+        for start in range(0, scores.shape[1], step):
+            value, slope = negative(scores[:, start:start + step].float())
+            total += value
+            grad[:, start:start + step] = slope.mul_(scale)
+        at_positives = scores[rows, labels].float()
+        (as_negative, _), (as_positive, slope) = negative(at_positives), positive(at_positives)
+        total += as_positive - as_negative
+        grad[rows, labels] = slope.mul_(scale).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:  # the buffer was scaled in place the first time
+            raise RuntimeError("the label loss supports one backward pass per forward (no retain_graph)")
+        ctx.used = True
+        grad, = ctx.saved_tensors
+        return grad.mul_(grad_output), None, None, None, None, None
+
 
 def squared_hinge(scores, rows, labels):
-    """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest: every
-    label counted as a negative, then the positives' terms swapped."""
-    scores = scores.float()
-    positive = scores[rows, labels]
-    as_negatives = torch.relu(1 + scores).square().sum()
-    swap = (torch.relu(1 - positive).square() - torch.relu(1 + positive).square()).sum()
-    return (as_negatives + swap) / scores.numel()
+    """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest."""
+    return _LabelLoss.apply(scores, rows, labels, _hinge_negative, _hinge_positive, 1.0 / max(1, scores.numel()))
 
 
 def bce(scores, rows, labels):
-    """binary cross-entropy summed over (b, l), as the release (after Renee) computes it:
-    softplus(s) for every label, minus s at the positives."""
-    scores = scores.float()
-    return F.softplus(scores).sum() - scores[rows, labels].sum()
+    """binary cross-entropy summed over (b, l), as the release (after Renee) computes it."""
+    return _LabelLoss.apply(scores, rows, labels, _bce_negative, _bce_positive, 1.0)
 
 
 def bce_mean(scores, rows, labels):
     """binary cross-entropy, the mean over (b, l) (torch's default reduction)."""
-    return bce(scores, rows, labels) / scores.numel()
+    return _LabelLoss.apply(scores, rows, labels, _bce_negative, _bce_positive, 1.0 / max(1, scores.numel()))
 
 
 LOSSES = {"squared_hinge": squared_hinge, "bce": bce, "bce_mean": bce_mean}

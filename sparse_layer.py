@@ -175,12 +175,14 @@ def _cupy_stream(pointer, device_index):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name, shared_bytes):
-    """A compiled kernel allowed `shared_bytes` of dynamic shared memory (past 48 KB, CUDA wants
-    an opt-in per kernel: a driver call, made once per kernel and size rather than per launch)."""
+def _kernel(name, device_index, large_shared):
+    """A compiled kernel; with `large_shared`, allowed all the dynamic shared memory a block may
+    have. Past 48 KB, CUDA wants an opt-in per kernel: a driver call, made once per kernel and
+    device. (Opting in to each launch's own size instead broke a later, larger launch of the same
+    kernel: a GPU test caught it.)"""
     kernel = _kernels()[name]
-    if shared_bytes > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    if large_shared:
+        kernel.max_dynamic_shared_size_bytes = _gpu_limits(device_index)[1]
     return kernel
 
 
@@ -195,8 +197,8 @@ def _kernel_argument(value):
 
 def _launch(name, dtype, blocks, threads, shared_bytes, *args):
     import cupy
-    kernel = _kernel(f"{name}<{KERNEL_TYPES[dtype]}>", shared_bytes)
     device = args[0].device
+    kernel = _kernel(f"{name}<{KERNEL_TYPES[dtype]}>", device.index, shared_bytes > 48 * 1024)
     # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
     with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device).cuda_stream, device.index):
         kernel((blocks,), (threads,), tuple(map(_kernel_argument, args)), shared_mem=shared_bytes)

@@ -35,6 +35,42 @@ def dense_labels(scores, rows, labels):
     return y
 
 
+DENSE_LOSSES = {  # float64, from a dense 0/1 label matrix: the definitions the chunked losses must match
+    "squared_hinge": lambda s, y: torch.relu(1 - (2 * y - 1) * s).square().mean(),
+    "bce": lambda s, y: torch.nn.functional.binary_cross_entropy_with_logits(s, y, reduction="sum"),
+    "bce_mean": lambda s, y: torch.nn.functional.binary_cross_entropy_with_logits(s, y),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])  # elements per label chunk: one label a chunk, uneven, all
+@pytest.mark.parametrize("dtype, transposed", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_chunked_losses_match_dense_definitions_in_value_and_gradient(monkeypatch, name, chunk, dtype, transposed):
+    monkeypatch.setitem(model.LOSS_CHUNK_ELEMENTS, "cpu", chunk)
+    generator = torch.Generator().manual_seed(1)
+    scores = (torch.randn(13, 6, generator=generator) * 2).to(dtype).T if transposed else \
+        (torch.randn(6, 13, generator=generator) * 2).to(dtype)  # transposed: a [B, L] view of [L, B], as the layer gives
+    rows, labels = torch.tensor([0, 0, 2, 5, 5]), torch.tensor([1, 4, 12, 0, 3])
+    scores = scores.detach().requires_grad_()
+    loss = model.LOSSES[name](scores, rows, labels)
+    loss.backward()
+    s64 = scores.detach().double().requires_grad_()
+    expected = DENSE_LOSSES[name](s64, dense_labels(s64, rows, labels))
+    expected.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(scores.grad.double(), s64.grad, rtol=tolerance, atol=tolerance * float(s64.grad.abs().max()))
+    assert scores.grad.stride() == scores.stride()  # no transposing copy for the layer's backward
+
+
+def test_chunked_loss_refuses_a_second_backward():
+    scores = torch.randn(2, 3, requires_grad=True)
+    loss = model.squared_hinge(scores, torch.tensor([0]), torch.tensor([1]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
 def test_losses_match_their_dense_definitions():
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(6, 9, generator=generator) * 2
