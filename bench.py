@@ -28,9 +28,11 @@ amazon3m (SHAPES) and measures two `train.py --dry-run` starts on it, each in it
 load, label clustering and token-cache times, and peak resident memory (getrusage).
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -256,12 +258,42 @@ def check_step(layer, x, rows, labels):
                                    msg=lambda m: f"{name}: {m}")
 
 
+def training_step(layer, optimizer, x, rows, labels):
+    optimizer.zero_grad(set_to_none=True)
+    x.grad = None
+    model.squared_hinge(layer(x), rows, labels).backward()
+    optimizer.step()
+
+
+def resident_kb(field):
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def step_peak_bytes(step, layer, optimizer, x):
+    """Peak memory of one training step: everything it holds (weights, their gradients, indices
+    and their transposed copy, AdamW state, logits, the loss's buffers), the input batch excepted.
+    GPU: the allocator's peak. CPU: the tensors held between steps, plus how far resident memory
+    rose during the step (Linux: VmHWM, reset first through /proc/self/clear_refs); memory the
+    C library kept from earlier steps and reuses does not show, so this can only underestimate."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - x.numel() * x.element_size()
+    kept = [*layer.parameters(), *layer.buffers(), *[t for state in optimizer.state.values()
+                                                     for t in state.values() if torch.is_tensor(t)]]
+    kept += [t for copy in getattr(layer, "_transposed", {}).values() if copy for t in copy[:2]]
+    before = resident_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    step()
+    return sum(t.numel() * t.element_size() for t in kept) + (resident_kb("VmHWM") - before) * 1024
+
+
 def bench_step(args, device):
     """A whole training step of the classifier as training runs it: forward, the squared hinge from
     the list of positives (5 per document), backward (input and weights), AdamW step. Every layer is
-    first checked against its dense float64 equivalent (check_step), then timed. Peak memory (GPU):
-    everything the step holds (weights, gradients, AdamW state, logits, the loss's temporaries),
-    the input batch excepted."""
+    first checked against its dense float64 equivalent (check_step), then timed; then the peak
+    memory of one more step (step_peak_bytes)."""
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}")
     print("| L | D | B | dtype | layer | k | step ms (median) | dense / layer | step peak MB |\n" + "|---" * 9 + "|")
@@ -276,23 +308,18 @@ def bench_step(args, device):
                 check_step(layer, x, rows, labels)  # in full fp32 also for dense-tf32: cuBLAS's TF32 is not ours to test
                 with tf32(kind):
                     optimizer = torch.optim.AdamW(layer.parameters())
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
+                    step = functools.partial(training_step, layer, optimizer, x, rows, labels)
                     times = []
-                    for step in range(args.repeats + 1):  # one warm-up step, which also creates the AdamW state
+                    for _ in range(args.repeats + 1):  # one warm-up step, which also creates the AdamW state
                         with Timer(device) as t:
-                            optimizer.zero_grad(set_to_none=True)
-                            x.grad = None
-                            model.squared_hinge(layer(x), rows, labels).backward()
-                            optimizer.step()
+                            step()
                         times.append(t.ms)
-                peak = (torch.cuda.max_memory_allocated() - x.numel() * x.element_size()) / 2**20 if device.type == "cuda" else None
+                    peak = step_peak_bytes(step, layer, optimizer, x) / 2**20
                 ms = statistics.median(times[1:])
                 dense_ms = dense_ms or ms
                 print(f"| {args.labels:,} | {args.features} | {batch} | {str(dtype).removeprefix('torch.')} | "
                       f"{kind if kind.startswith('dense') else 'sparse/' + kind} | {'-' if kind.startswith('dense') else fan_in} | "
-                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {'-' if peak is None else f'{peak:.0f}'} |", flush=True)
+                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {peak:.0f} |", flush=True)
                 del layer, optimizer
 
 
@@ -304,10 +331,19 @@ def dlpack_argument(value):
     return np.int32(value)
 
 
+def per_call_us(function, calls):
+    started = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 def bench_launch(args, device, calls=300):
     """Host time per forward + backward call of the cuda backend at a shape so small (L = 4,096,
     B = 8) that the GPU waits for the host: the launch path's cost, with raw device addresses as
-    kernel arguments (v5) and with a DLPack view per tensor (v4); nn.Linear for scale."""
+    kernel arguments (v5) and with a DLPack view per tensor (v4); nn.Linear for scale. Then the
+    pieces of one launch, each timed alone."""
+    import cupy
     if device.type != "cuda" or not sparse_layer.cupy_available():
         raise SystemExit("bench.py --launch times the cuda backend's launches: it needs a GPU and cupy")
     print("| layer | kernel arguments | host µs per forward + backward |\n|---|---|---|")
@@ -317,16 +353,30 @@ def bench_launch(args, device, calls=300):
         original = sparse_layer._kernel_argument
         sparse_layer._kernel_argument = arguments or original
         try:
-            for step in range(calls + 10):  # ten warm-up calls
-                if step == 10:
-                    torch.cuda.synchronize()
-                    started = time.perf_counter()
-                layer(x).sum().backward()
+            step = lambda: layer(x).sum().backward()
+            for _ in range(10):  # warm-up
+                step()
+            torch.cuda.synchronize()
+            us = per_call_us(step, calls)
             torch.cuda.synchronize()
         finally:
             sparse_layer._kernel_argument = original
         described = "-" if arguments is None else ("raw addresses (v5)" if arguments is original else "DLPack views (v4)")
-        print(f"| {kind} | {described} | {(time.perf_counter() - started) / calls * 1e6:.0f} |", flush=True)
+        print(f"| {kind} | {described} | {us:.0f} |", flush=True)
+    index, pieces = device.index or 0, {}
+    pieces["torch.cuda.current_stream(device)"] = lambda: torch.cuda.current_stream(device).cuda_stream
+    pieces["sparse_layer.current_stream (private call)"] = lambda: sparse_layer.current_stream(index)
+    stream = sparse_layer._cupy_stream(sparse_layer.current_stream(index), index)
+
+    def contexts():
+        with cupy.cuda.Device(index), stream:
+            pass
+    pieces["cupy device and stream contexts"] = contexts
+    pieces["kernel arguments, raw (9)"] = lambda: tuple(map(sparse_layer._kernel_argument, [x] * 5 + [1] * 4))
+    pieces["kernel arguments, DLPack (9)"] = lambda: tuple(map(dlpack_argument, [x] * 5 + [1] * 4))
+    print("| piece of one launch | host µs |\n|---|---|")
+    for name, function in pieces.items():
+        print(f"| {name} | {per_call_us(function, 2000):.1f} |", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

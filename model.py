@@ -129,14 +129,17 @@ class XMCModel(nn.Module):
 LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
 
 
+# Each returns (the sum of the per-label loss over s, its slope per element); one temporary the
+# size of s where it can (a squared norm is a reduction, not a squared copy).
+
 def _hinge_negative(s):  # max(0, 1 + s)^2 and its slope, for y = -1
-    margin = torch.relu(1 + s)
-    return margin.square().sum(), margin.mul_(2)
+    margin = (s + 1).relu_()
+    return torch.linalg.vector_norm(margin).square(), margin.mul_(2)
 
 
 def _hinge_positive(s):  # max(0, 1 - s)^2 and its slope, for y = +1
-    margin = torch.relu(1 - s)
-    return margin.square().sum(), margin.mul_(-2)
+    margin = (1 - s).relu_()
+    return torch.linalg.vector_norm(margin).square(), margin.mul_(-2)
 
 
 def _bce_negative(s):  # -log(1 - sigmoid(s)) = softplus(s)

@@ -10,8 +10,8 @@ state shrinks with them. dst.py rewires `indices` during training (SET); this fi
 
 Two backends compute the same function, on the transposed activations xT[D, B] (a row per
 feature, so that gathering the features of a label reads whole rows):
-  * "torch": embedding_bag, index_add_ and gathers in label chunks, on the CPU or any GPU; it
-    never builds a dense [L, D] matrix nor a [B, L, k] tensor larger than CHUNK_ELEMENTS;
+  * "torch": library ops on the CPU or any GPU, none of which builds a dense [L, D] matrix or an
+    [L, k, B] tensor: embedding_bag for the forward pass and grad-x, sampled_addmm for grad-w;
   * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
     forward and grad-w kernels where a tile of xT fits in shared memory and grad-x as a gather
     over the transposed connectivity; "cuda-v4": grad-x by shared-memory atomics instead (the
@@ -25,6 +25,7 @@ never saved in a checkpoint.
 """
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,12 +34,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Largest [labels, k, B] temporary of the torch backend, by device type. CPU: 4 MB in fp32; measured
-# on 2 cores at L = 50k, k = 32, B = 64, 64 MB chunks made both gradients 2-3x slower (they stop
-# fitting in cache). GPU: 256 MB, since there every chunk costs a few kernel launches.
+# Largest [rows, D] matrix of random scores that random_distinct_indices draws at once, by device.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 # Labels per chunk of the torch backend's grad-x gather: on the CPU, the chunk's rows of grad_yT
-# stay in cache while every feature's bag reads them; a GPU takes all labels in one call.
+# stay in cache while every feature's bag reads them (at L = 100k, k = 32, B = 128 on 2 cores:
+# 22 ms in chunks of 2,048 labels, 42 ms in chunks of 8,192, 69 ms in one); a GPU takes all at once.
 GATHER_LABELS = {"cpu": 2048, "cuda": 1 << 31}
 BACKENDS = ("auto", "torch", "cuda", "cuda-v4", "cuda-simple")
 
@@ -49,12 +49,6 @@ BACKENDS = ("auto", "torch", "cuda", "cuda-v4", "cuda-simple")
 
 def _accumulation_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
-
-
-def _label_chunks(num_labels, fan_in, batch, device):
-    step = max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // max(1, fan_in * batch))
-    for start in range(0, num_labels, step):
-        yield slice(start, min(start + step, num_labels))
 
 
 class Transposed(NamedTuple):
@@ -73,8 +67,10 @@ def transpose_connectivity(indices, in_features, chunk):
     if labels * fan_in >= 2**31:
         raise ValueError(f"L * k = {labels * fan_in:,} slots: the transposed connectivity indexes them with int32")
     chunks = max(1, math.ceil(labels / chunk))
-    chunk_of_slot = (torch.arange(labels, device=indices.device) // chunk).repeat_interleave(fan_in)
-    keys = chunk_of_slot * in_features + indices.reshape(-1).long()
+    # int32 keys where they fit: the sort takes half the time of int64 ones (CPU: 36 vs 83 ms for 3.2M)
+    key_dtype = torch.int32 if chunks * in_features < 2**31 else torch.int64
+    chunk_of_slot = (torch.arange(labels, dtype=key_dtype, device=indices.device) // chunk).repeat_interleave(fan_in)
+    keys = chunk_of_slot * in_features + indices.reshape(-1).to(key_dtype)
     keys, order = torch.sort(keys, stable=True)
     starts = torch.zeros(chunks * in_features + 1, dtype=torch.int32, device=indices.device)
     starts[1:] = torch.bincount(keys, minlength=chunks * in_features).cumsum(0)
@@ -84,15 +80,12 @@ def transpose_connectivity(indices, in_features, chunk):
 class TorchOps:
     @staticmethod
     def forward(xT, weight, indices, bias):
+        # EmbeddingBag is exactly this product: bag l sums the rows indices[l, :] of the "embedding
+        # table" xT, each scaled by its per-sample weight weight[l, j]. One call: it builds no
+        # [L, k, B] temporary (int32 indices: its faster path on the CPU, 17 vs 22 ms at L = 100k).
         acc = _accumulation_dtype(xT.dtype)
-        xT_acc = xT.to(acc)
-        yT = torch.empty(weight.shape[0], xT.shape[1], dtype=xT.dtype, device=xT.device)
-        for rows in _label_chunks(*weight.shape, xT.shape[1], xT.device):
-            # EmbeddingBag is exactly this product: bag l sums the rows indices[l, :] of the
-            # "embedding table" xT, each scaled by its per-sample weight weight[l, j].
-            bags = F.embedding_bag(indices[rows], xT_acc, per_sample_weights=weight[rows].to(acc), mode="sum")
-            yT[rows] = (bags + bias[rows, None].to(acc)).to(xT.dtype)
-        return yT
+        yT = F.embedding_bag(indices, xT.to(acc), per_sample_weights=weight.to(acc), mode="sum")
+        return yT.add_(bias[:, None].to(acc)).to(xT.dtype)
 
     @staticmethod
     def transpose(indices, in_features):
@@ -116,14 +109,21 @@ class TorchOps:
 
     @staticmethod
     def grad_weight(grad_yT, xT, indices):
+        # grad_weight[l, j] = grad_yT[l] . xT[indices[l, j]]: the product grad_y^T x sampled at the
+        # layer's connections, which is what torch.sparse.sampled_addmm computes, L*k dots and
+        # nothing else (7x faster than gathering [L, k, B] copies of x, at L = 100k on 2 cores).
         acc = _accumulation_dtype(xT.dtype)
-        grad_weight = torch.empty(indices.shape, dtype=xT.dtype, device=xT.device)
-        for rows in _label_chunks(*indices.shape, xT.shape[1], xT.device):
-            labels, fan_in = indices[rows].shape
-            gathered = xT.index_select(0, indices[rows].reshape(-1)).view(labels, fan_in, -1)  # [c, k, B]
-            dots = (gathered.to(acc) * grad_yT[rows, None, :].to(acc)).sum(-1)
-            grad_weight[rows] = dots.to(xT.dtype)
-        return grad_weight
+        (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
+        if indices.numel() == 0 or batch == 0:
+            return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
+        rows = torch.arange(0, labels * fan_in + 1, fan_in, dtype=indices.dtype, device=indices.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            # (zero values: with beta=0 the CPU kernel still multiplies them, so garbage could be NaN)
+            connections = torch.sparse_csr_tensor(rows, indices.reshape(-1), torch.zeros(labels * fan_in, dtype=acc,
+                                                  device=xT.device), (labels, in_features), check_invariants=False)
+            dots = torch.sparse.sampled_addmm(connections, grad_yT.to(acc), xT.t().to(acc), beta=0.0)
+        return dots.values().view(labels, fan_in).to(xT.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +195,22 @@ def _kernel_argument(value):
     return np.int32(value)
 
 
+def current_stream(device_index):
+    """PyTorch's current stream on a device, as a raw cudaStream_t. The public
+    torch.cuda.current_stream(device) validates the device on every call (cudaGetDeviceCount: it
+    took the largest share of v4's launch time in a profile on the lent GPU machine); the private
+    call that Triton also uses does not."""
+    if hasattr(torch._C, "_cuda_getCurrentRawStream"):
+        return torch._C._cuda_getCurrentRawStream(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
 def _launch(name, dtype, blocks, threads, shared_bytes, *args):
     import cupy
     device = args[0].device
     kernel = _kernel(f"{name}<{KERNEL_TYPES[dtype]}>", device.index, shared_bytes > 48 * 1024)
     # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
-    with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device).cuda_stream, device.index):
+    with cupy.cuda.Device(device.index), _cupy_stream(current_stream(device.index), device.index):
         kernel((blocks,), (threads,), tuple(map(_kernel_argument, args)), shared_mem=shared_bytes)
 
 
