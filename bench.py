@@ -205,8 +205,8 @@ def row(kind, dtype, batch, fan_in, fwd, bwd, baselines, size, bandwidth):
 
 def bench_rewire(args, device):
     """One SET step (dst.rewire, fraction 0.2) over the whole layer with AdamW state: as the release
-    rewires (global pruning, state kept), and per row with the regrown slots' state reset. On a GPU
-    the time includes the rebuild of the transposed connectivity that the next backward needs."""
+    rewires (global pruning, state kept), and per row with the regrown slots' state reset. The time
+    includes the rebuild of the transposed connectivity that the next backward pass needs."""
     kind = "cuda" if device.type == "cuda" and sparse_layer.cupy_available() else "torch"
     print("| L | D | k | layer | rewiring | connections rewired | rewire ms (median) |\n|---|---|---|---|---|---|---|")
     for fan_in in args.fan_in:
@@ -282,7 +282,9 @@ def step_peak_bytes(step, layer, optimizer, x):
         return torch.cuda.max_memory_allocated() - x.numel() * x.element_size()
     kept = [*layer.parameters(), *layer.buffers(), *[t for state in optimizer.state.values()
                                                      for t in state.values() if torch.is_tensor(t)]]
-    kept += [t for copy in getattr(layer, "_transposed", {}).values() if copy for t in copy[:2]]
+    kept += [t for copy in getattr(layer, "_transposed", {}).values() if copy for t in copy]
+    if not Path("/proc/self/clear_refs").exists():
+        return None  # not Linux: no resident-memory peak to read
     before = resident_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
     step()
@@ -314,12 +316,12 @@ def bench_step(args, device):
                         with Timer(device) as t:
                             step()
                         times.append(t.ms)
-                    peak = step_peak_bytes(step, layer, optimizer, x) / 2**20
+                    peak = step_peak_bytes(step, layer, optimizer, x)
                 ms = statistics.median(times[1:])
                 dense_ms = dense_ms or ms
                 print(f"| {args.labels:,} | {args.features} | {batch} | {str(dtype).removeprefix('torch.')} | "
                       f"{kind if kind.startswith('dense') else 'sparse/' + kind} | {'-' if kind.startswith('dense') else fan_in} | "
-                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {peak:.0f} |", flush=True)
+                      f"{ms:.1f} | {dense_ms / ms:.2f}x | {'-' if peak is None else f'{peak / 2**20:.0f}'} |", flush=True)
                 del layer, optimizer
 
 

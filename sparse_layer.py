@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Largest [rows, D] matrix of random scores that random_distinct_indices draws at once, by device.
+# Largest temporary of random_distinct_indices ([rows, D] random scores) and of the torch backend's
+# grad-w on a GPU ([labels, k, B] gathered inputs) built at once, by device type.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 # Labels per chunk of the torch backend's grad-x gather: on the CPU, the chunk's rows of grad_yT
 # stay in cache while every feature's bag reads them (at L = 100k, k = 32, B = 128 on 2 cores:
@@ -57,13 +58,13 @@ class Transposed(NamedTuple):
     feature d begin (int32 both, as the kernels read them)."""
     order: torch.Tensor
     starts: torch.Tensor
-    chunk: int
 
 
 def transpose_connectivity(indices, in_features, chunk):
     """Transposed(order, starts) of indices [L, k] for label chunks of `chunk` labels. One stable
     sort: within a chunk and feature, slots keep their order (so sums run in a fixed order)."""
     labels, fan_in = indices.shape
+    chunk = max(1, min(chunk, labels))
     if labels * fan_in >= 2**31:
         raise ValueError(f"L * k = {labels * fan_in:,} slots: the transposed connectivity indexes them with int32")
     chunks = max(1, math.ceil(labels / chunk))
@@ -74,7 +75,7 @@ def transpose_connectivity(indices, in_features, chunk):
     keys, order = torch.sort(keys, stable=True)
     starts = torch.zeros(chunks * in_features + 1, dtype=torch.int32, device=indices.device)
     starts[1:] = torch.bincount(keys, minlength=chunks * in_features).cumsum(0)
-    return Transposed(order.int(), starts, chunk)
+    return Transposed(order.int(), starts)
 
 
 class TorchOps:
@@ -97,7 +98,7 @@ class TorchOps:
         # (l, j) of that chunk that read feature d, each scaled by weight[l, j].
         acc = _accumulation_dtype(grad_yT.dtype)
         grad_yT_acc = grad_yT.to(acc)
-        order, starts, _ = transposed
+        order, starts = transposed
         labels = order // indices.shape[1]
         weights = weight.reshape(-1).to(acc)[order]
         grad_xT = torch.zeros(in_features, grad_yT.shape[1], dtype=acc, device=grad_yT.device)
@@ -116,6 +117,8 @@ class TorchOps:
         (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
         if indices.numel() == 0 or batch == 0:
             return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
+        if xT.device.type != "cpu":
+            return TorchOps.grad_weight_gathered(grad_yT, xT, indices)
         rows = torch.arange(0, labels * fan_in + 1, fan_in, dtype=indices.dtype, device=indices.device)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
@@ -124,6 +127,21 @@ class TorchOps:
                                                   device=xT.device), (labels, in_features), check_invariants=False)
             dots = torch.sparse.sampled_addmm(connections, grad_yT.to(acc), xT.t().to(acc), beta=0.0)
         return dots.values().view(labels, fan_in).to(xT.dtype)
+
+    @staticmethod
+    def grad_weight_gathered(grad_yT, xT, indices):
+        """grad-w on GPUs: x gathered for a chunk of labels into [c, k, B], multiplied and summed.
+        (sampled_addmm gave wrong 16-bit results inside this layer in a GPU test, 2026-11-28, and
+        right ones when called alone; until that is understood, GPUs keep this path.)"""
+        acc = _accumulation_dtype(xT.dtype)
+        (labels, fan_in), batch = indices.shape, xT.shape[1]
+        grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
+        step = max(1, CHUNK_ELEMENTS.get(xT.device.type, CHUNK_ELEMENTS["cpu"]) // (fan_in * batch))
+        for start in range(0, labels, step):
+            rows = slice(start, start + step)
+            gathered = xT.index_select(0, indices[rows].reshape(-1)).view(-1, fan_in, batch).to(acc)
+            grad_weight[rows] = (gathered * grad_yT[rows, None, :].to(acc)).sum(-1).to(xT.dtype)
+        return grad_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +215,8 @@ def _kernel_argument(value):
 
 def current_stream(device_index):
     """PyTorch's current stream on a device, as a raw cudaStream_t. The public
-    torch.cuda.current_stream(device) validates the device on every call (cudaGetDeviceCount: it
-    took the largest share of v4's launch time in a profile on the lent GPU machine); the private
-    call that Triton also uses does not."""
+    torch.cuda.current_stream(device) validates the device on every call (cudaGetDeviceCount):
+    9.4 µs a call on an H200 machine, against 0.4 µs for the private call that Triton also uses."""
     if hasattr(torch._C, "_cuda_getCurrentRawStream"):
         return torch._C._cuda_getCurrentRawStream(device_index)
     return torch.cuda.current_stream(device_index).cuda_stream

@@ -72,6 +72,15 @@ def test_torch_backend_is_chunk_invariant(problem, chunk):
         check_against_reference(problem, "torch", torch.float32)
 
 
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(1, 2000))
+def test_torch_backend_gpu_weight_gradient_on_the_cpu(problem, chunk):
+    """The torch backend's GPU path for grad-w (gathered inputs, chunked) runs here too, so CI checks it."""
+    with mock.patch.object(sparse_layer.TorchOps, "grad_weight", sparse_layer.TorchOps.grad_weight_gathered), \
+            mock.patch.dict(sparse_layer.CHUNK_ELEMENTS, {"cpu": chunk}):
+        check_against_reference(problem, "torch", torch.float32)
+
+
 def test_gradcheck_float64_torch_backend():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(5, 9, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -221,7 +230,7 @@ def test_transposed_connectivity_lists_every_slot_by_chunk_and_feature(problem, 
     in slot order."""
     indices = problem["indices"]
     (labels, fan_in), in_features = indices.shape, problem["x"].shape[1]
-    order, starts, _ = sparse_layer.transpose_connectivity(indices, in_features, chunk)
+    order, starts = sparse_layer.transpose_connectivity(indices, in_features, chunk)
     assert order.dtype == starts.dtype == torch.int32
     chunks = -(-labels // chunk)
     assert starts.shape == (chunks * in_features + 1,) and int(starts[-1]) == labels * fan_in
