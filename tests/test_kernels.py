@@ -1,6 +1,7 @@
 """kernels.cu without a GPU: compiled by nvcc for sm_80/sm_90, and run on the CPU through
 cuda_shim.h (g++), where the exact kernel source is property-tested against the dense reference."""
 import ctypes
+import re
 import shutil
 import subprocess
 
@@ -26,12 +27,16 @@ def test_kernels_compile_with_nvcc(tmp_path, arch):
     source.write_text(f'#include "{ROOT / "kernels.cu"}"\n'
                       f"template <typename T> void use() {{\n{uses}\n}}\n{types}\n")
     cubin = tmp_path / "kernels.cubin"
-    result = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", "-Werror", "all-warnings",
+    result = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", "-Werror", "all-warnings", "-Xptxas", "-v",
                              "-cubin", str(source), "-o", str(cubin)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     symbols = cubin.read_bytes()
     for name in sparse_layer.KERNEL_NAMES:
         assert symbols.count(name.encode()) >= 3, f"{name} missing for some dtype"
+    # ptxas -v: no kernel may spill registers to local memory (slow, and a sign of a run-time
+    # indexed register array)
+    spills = re.findall(r"(\d+) bytes spill stores", result.stderr)
+    assert len(spills) >= 3 * len(sparse_layer.KERNEL_NAMES) and set(spills) == {"0"}, result.stderr
 
 
 CHUNK_LINE = "constexpr int GATHER_CHUNK = 256;"
