@@ -3,7 +3,6 @@
 For every (dtype, batch B, fan-in k) it times forward and backward separately for
   sparse/cuda        - the kernels of kernels.cu as the layer runs them (GPU with cupy only): tiled
                        forward and grad-w, grad-x as a gather over the transposed connectivity,
-  sparse/cuda-v4     - the same with grad-x by shared-memory atomics (the previous version),
   sparse/cuda-simple - the simple kernels of kernels.cu (the first, correct-first set),
   sparse/torch       - the pure-PyTorch backend,
   dense              - nn.Linear(D, L), the baseline the paper's memory claim is measured against,
@@ -60,7 +59,7 @@ def parse_args():
     p.add_argument("--fan-in", type=int, nargs="+", default=[32, 64, 128] if gpu else [32, 128])
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"] if gpu else ["float32"],
                    choices=["float32", "float16", "bfloat16"])
-    kinds = ["cuda", "cuda-v4", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
+    kinds = ["cuda", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
     p.add_argument("--layers", nargs="+", default=kinds, choices=kinds)
     p.add_argument("--throughput", action="store_true", help="time steps back to back, not one call at a time")
     p.add_argument("--repeats", type=int, default=20 if gpu else 3, help="timed runs (median reported)")

@@ -18,10 +18,10 @@
 // with a grid-stride loop puts all work on grid.x (grid.y/z stop at 65,535).
 //
 // Two kernel sets. The simple kernels (one thread per output, x gathered from L2) work for any
-// size and are the readable definition. The tiled kernels below them are the fast path: they copy
-// a tile of the activations into shared memory first; sparse_layer.py uses them whenever that tile
-// fits (D up to about 1,500 in fp32, 3,000 in 16 bit on an H100). kernels_notes.md tells how fast
-// each set is and why.
+// size and are the readable definition. The fast path: tiled forward and grad-w kernels, which
+// copy a tile of the activations into shared memory first (sparse_layer.py uses them whenever that
+// tile fits: D up to about 1,500 in fp32, 3,000 in 16 bit on an H100), and grad-x as a gather over
+// the transposed connectivity. kernels_notes.md tells how fast each version was and why.
 
 struct half16 { unsigned short bits; };    // IEEE binary16, stored as raw bits
 struct bfloat16 { unsigned short bits; };  // bfloat16: the top 16 bits of a float
@@ -239,51 +239,6 @@ fixed_fanin_forward_tiled(const T* xT, const T* weight, const int* indices, cons
   }
 }
 
-// grad_xT[d, b] += grad_yT[l, b] * weight[l, j] for every indices[l, j] == d. The scatter goes
-// into a float tile of grad_xT in shared memory (shared atomics, cheap and collision-free within a
-// warp), which is added to global memory once per tile: one global atomic per (d, b) per block
-// instead of one per (l, j, b). Lanes take samples t and t + 32 here (not 2t, 2t + 1), so the
-// 4-byte atomics of a warp hit 32 different banks. A lane whose two output gradients are zero
-// (squared hinge gives many) skips its atomics.
-template <typename T>
-__global__ void __launch_bounds__(1024)
-fixed_fanin_grad_input_tiled(const T* grad_yT, const T* weight, const int* indices, float* grad_xT,
-                             int num_labels, int fan_in, int batch, int in_features) {
-  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-  Slot* slots = (Slot*)shared_memory() + warp * WARP;
-  float* tile = (float*)((Slot*)shared_memory() + warps * WARP);
-  for (int b0 = 0; b0 < batch; b0 += TILE_B) {
-    __syncthreads();  // the previous tile has been added to grad_xT
-    for (int e = threadIdx.x; e < in_features * TILE_B; e += blockDim.x) tile[e] = 0.0f;
-    __syncthreads();
-    const int b = b0 + lane;
-    const long long first = (long long)blockIdx.x * warps + warp, stride = (long long)gridDim.x * warps;
-    Slot next = load_slot(weight, indices, first, 0, num_labels, fan_in, lane);
-    for (long long label = first; label < num_labels; label += stride) {
-      const T* g = grad_yT + label * batch;
-      const float g0 = b < batch ? to_float(g[b]) : 0.0f;
-      const float g1 = b + WARP < batch ? to_float(g[b + WARP]) : 0.0f;
-      const bool sends = g0 != 0.0f || g1 != 0.0f;
-      for (int j0 = 0; j0 < fan_in; j0 += WARP) {
-        publish_slots(slots, next, lane);
-        next = prefetch_next(weight, indices, label, j0, stride, num_labels, fan_in, lane);
-        const int n = fan_in - j0 < WARP ? fan_in - j0 : WARP;
-#pragma unroll 8
-        for (int j = 0; sends && j < n; ++j) {
-          float* row = tile + slots[j].index * TILE_B;
-          atomicAdd(row + lane, g0 * slots[j].weight);
-          atomicAdd(row + lane + WARP, g1 * slots[j].weight);
-        }
-      }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < in_features * TILE_B; e += blockDim.x) {
-      int d = e / TILE_B, c = e % TILE_B;
-      if (b0 + c < batch && tile[e] != 0.0f) atomicAdd(&grad_xT[(long long)d * batch + b0 + c], tile[e]);
-    }
-  }
-}
-
 // Given part[i] (i < 16) in every lane, return in lane t the sum over all 32 lanes of
 // part[t % 16]. A butterfly: at each step a lane keeps half of its values, swaps the other half
 // with its partner and adds, so 16 sums cost 8 + 4 + 2 + 1 + 1 = 16 shuffles, not 16 x 5 for 16
@@ -349,8 +304,9 @@ fixed_fanin_grad_weight_tiled(const T* grad_yT, const T* xT, const int* indices,
 // =============================================================================================
 // grad-x as a gather (v5): no atomics, deterministic.
 //
-// Why. The tiled grad-x above scatters: every (label, slot, sample) is a shared-memory float
-// atomicAdd (1.84 ms at the reference shape on an H100, the slowest of the three kernels). Read the
+// Why. A scatter, as the simple grad-x does it, costs an atomic per (label, slot, sample); v4 made
+// them shared-memory atomics into a tile of grad_xT, and still spent 1.84 ms at the reference shape
+// on them (kernels_notes.md; v5 is faster at every size measured, so v4 is gone). Read the
 // other way round, grad_xT[d, b] = sum over the (l, j) that read feature d of weight[l, j] *
 // grad_yT[l, b] is a gather, like the forward pass, if we know for every feature which (l, j)
 // read it: the transposed connectivity, which sparse_layer.transpose_connectivity builds with one

@@ -14,8 +14,8 @@ feature, so that gathering the features of a label reads whole rows):
     [L, k, B] tensor: embedding_bag for the forward pass and grad-x, sampled_addmm for grad-w;
   * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
     forward and grad-w kernels where a tile of xT fits in shared memory and grad-x as a gather
-    over the transposed connectivity; "cuda-v4": grad-x by shared-memory atomics instead (the
-    previous version, kept to compare); "cuda-simple": the simple, correct-first kernels always.
+    over the transposed connectivity, the simple kernels otherwise ("cuda-simple": the simple,
+    correct-first kernels always, to compare).
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
 
 The input gradient reads the connectivity the other way round (for every input feature, the
@@ -41,7 +41,7 @@ CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 # stay in cache while every feature's bag reads them (at L = 100k, k = 32, B = 128 on 2 cores:
 # 22 ms in chunks of 2,048 labels, 42 ms in chunks of 8,192, 69 ms in one); a GPU takes all at once.
 GATHER_LABELS = {"cpu": 2048, "cuda": 1 << 31}
-BACKENDS = ("auto", "torch", "cuda", "cuda-v4", "cuda-simple")
+BACKENDS = ("auto", "torch", "cuda", "cuda-simple")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class TorchOps:
 # Backend "cuda": kernels.cu through cupy, on PyTorch's current stream.
 
 SIMPLE_KERNELS = ("fixed_fanin_forward", "fixed_fanin_grad_input", "fixed_fanin_grad_weight")
-KERNEL_NAMES = SIMPLE_KERNELS + tuple(name + "_tiled" for name in SIMPLE_KERNELS) + ("fixed_fanin_grad_input_gather",)
+KERNEL_NAMES = SIMPLE_KERNELS + ("fixed_fanin_forward_tiled", "fixed_fanin_grad_weight_tiled", "fixed_fanin_grad_input_gather")
 KERNEL_TYPES = {torch.float32: "float", torch.float16: "half16", torch.bfloat16: "bfloat16"}
 THREADS_PER_BLOCK = 256  # simple kernels
 MAX_BLOCKS = 1 << 20  # simple kernels loop grid-stride over what one launch does not cover
@@ -232,13 +232,12 @@ def _launch(name, dtype, blocks, threads, shared_bytes, *args):
 
 
 class CudaOps:
-    """The kernels of kernels.cu: tiled where the activation tile fits in shared memory, else
-    simple; grad-x as a gather where its chunk fits. `launch` and `limits` are the seams the CPU
+    """The kernels of kernels.cu: tiled where the activation tile fits in shared memory and grad-x
+    as a gather where its chunk fits, else simple. `launch` and `limits` are the seams the CPU
     shim tests replace."""
     launch = staticmethod(_launch)
     tile_threads = 1024
     use_tiles = True
-    gather = True  # grad-x from the transposed connectivity (v5); False: shared-memory atomics (v4)
     gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
 
     @staticmethod
@@ -248,7 +247,7 @@ class CudaOps:
 
     @classmethod
     def transpose(cls, indices, in_features):
-        return transpose_connectivity(indices, in_features, cls.gather_chunk) if cls.gather and cls.use_tiles else None
+        return transpose_connectivity(indices, in_features, cls.gather_chunk) if cls.use_tiles else None
 
     @classmethod
     def tiled_launch(cls, device, tile_bytes, num_labels):
@@ -311,15 +310,10 @@ class CudaOps:
                        grad_yT, weight, indices, transposed.order, transposed.starts, partial,
                        labels, fan_in, batch, in_features, per_warp, groups)
             return partial.sum(0).to(grad_yT.dtype)
-        # float32 buffer: the scatter kernels accumulate with float atomics
+        # float32 buffer: the simple kernel scatters with float atomics
         grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
-        tiled = cls.tiled_launch(grad_yT.device, in_features * TILE_B * 4, labels)
-        if tiled:
-            cls.launch("fixed_fanin_grad_input_tiled", grad_yT.dtype, *tiled,
-                       grad_yT, weight, indices, grad_xT, labels, fan_in, batch, in_features)
-        else:
-            cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
-                       grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
+        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
+                   grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
         return grad_xT.to(grad_yT.dtype)
 
     @classmethod
@@ -337,11 +331,6 @@ class CudaOps:
         cls.launch("fixed_fanin_grad_weight", xT.dtype, *launch_config(labels * fan_in), 0,
                    grad_yT, xT, indices, grad_weight, labels, fan_in, batch)
         return grad_weight
-
-
-class AtomicCudaOps(CudaOps):
-    """Backend "cuda-v4": grad-x by shared-memory atomics (the v4 kernels), to compare with v5."""
-    gather = False
 
 
 class SimpleCudaOps(CudaOps):
@@ -392,7 +381,7 @@ def _resolve_backend(backend, x):
             raise ValueError(f"backend={backend!r} needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
         if x.dtype not in KERNEL_TYPES:
             raise ValueError(f"backend={backend!r} supports {list(KERNEL_TYPES)}, got {x.dtype}")
-        return {"cuda": CudaOps, "cuda-v4": AtomicCudaOps, "cuda-simple": SimpleCudaOps}[backend]
+        return SimpleCudaOps if backend == "cuda-simple" else CudaOps
     return TorchOps
 
 

@@ -22,7 +22,6 @@
   EXPORT_GRAD(fixed_fanin_grad_input, suffix, T, float)                                         \
   EXPORT_GRAD(fixed_fanin_grad_weight, suffix, T, T)                                            \
   EXPORT_FORWARD(fixed_fanin_forward_tiled, suffix, T, tiled)                                   \
-  EXPORT_GRAD(fixed_fanin_grad_input_tiled, suffix, T, float, tiled)                            \
   EXPORT_GRAD(fixed_fanin_grad_weight_tiled, suffix, T, float, tiled)
 
 #define EXPORT_GATHER(T, suffix)                                                                \

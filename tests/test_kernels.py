@@ -80,13 +80,13 @@ def small_chunk_shim(tmp_path_factory):
     return build_shim(tmp_path_factory.mktemp("shim_small"), (ROOT / "kernels.cu").read_text(), SMALL_CHUNK)
 
 
-def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2, gather=True, room=None):
+def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2, room=None):
     """sparse_layer.CudaOps with its launcher swapped for one that runs the kernel on the CPU.
 
     tiled=False: the simple kernels, with at most `max_blocks` blocks (fewer blocks than work
     exercises the grid-stride loops). tiled=True: the tiled kernels with 2 warps a block on a
     pretend GPU of `multiprocessors` multiprocessors with `room` shared bytes a block (default:
-    enough for any test tile), grad-x as a gather (gather=True) or by atomics (the v4 kernels).
+    enough for any test tile), grad-x as a gather.
     """
 
     def launch(name, dtype, blocks, threads, shared_bytes, *args):
@@ -99,7 +99,7 @@ def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2, gather=Tr
 
     room = room or (1 << 20 if tiled else 0)
     return type("ShimOps", (sparse_layer.CudaOps,), {
-        "launch": staticmethod(launch), "tile_threads": 64, "use_tiles": tiled, "gather": gather,
+        "launch": staticmethod(launch), "tile_threads": 64, "use_tiles": tiled,
         "gather_chunk": library.gather_chunk,
         "limits": staticmethod(lambda device: (multiprocessors, room, room + 1024))})
 
@@ -111,7 +111,6 @@ KERNEL_SETS = {"simple": dict(tiled=False), "simple, 1 block": dict(tiled=False,
                "simple, 2 blocks": dict(tiled=False, max_blocks=2),
                "tiled": dict(tiled=True), "tiled, 1 block": dict(tiled=True, multiprocessors=1),
                "tiled, 3 blocks": dict(tiled=True, multiprocessors=3),
-               "tiled v4 (atomics)": dict(tiled=True, gather=False),
                "gather, small chunks": dict(tiled=True, multiprocessors=5, small=True),
                "gather, small chunks, feature parts": dict(tiled=True, multiprocessors=7, small=True,
                                                            room=TWO_FEATURES_A_WARP)}
@@ -144,7 +143,7 @@ def test_tiled_shim_kernels_on_several_batch_tiles(shim, dtype):
         check_against_reference(problem, "cuda", dtype)
 
 
-SIMPLE, TILED_V4 = dict(tiled=False), dict(tiled=True, gather=False)
+SIMPLE, TILED = dict(tiled=False), dict(tiled=True)
 GATHER = dict(tiled=True, multiprocessors=5, small=True)  # 2 chunks, 2 groups, 2 batch tiles below
 
 
@@ -152,11 +151,9 @@ GATHER = dict(tiled=True, multiprocessors=5, small=True)  # 2 chunks, 2 groups, 
     (SIMPLE, ("for (int j = 0; j < fan_in; ++j) acc +=", "for (int j = 1; j < fan_in; ++j) acc +=")),  # forward
     (SIMPLE, ("if (g == 0.0f) continue;", "if (g != 0.0f) continue;")),  # grad_input
     (SIMPLE, ("for (int b = 0; b < batch; ++b)", "for (int b = 0; b + 1 < batch; ++b)")),  # grad_weight
-    (TILED_V4, ("acc1 += slots[j].weight", "acc1 += 0 * slots[j].weight")),  # forward, odd samples
-    (TILED_V4, ("if (b0 + c < batch && tile[e] != 0.0f)", "if (b0 + c + 1 < batch && tile[e] != 0.0f)")),  # grad_input flush
-    (TILED_V4, ("(upper ? high : low) + __shfl_xor_sync", "(upper ? low : high) + __shfl_xor_sync")),  # grad_weight sums
-    (TILED_V4, ("*out = (b0 == 0 ? 0.0f : *out) + mine;", "*out = mine;")),  # grad_weight over batch tiles
-    (TILED_V4, ("atomicAdd(row + lane + WARP, g1", "atomicAdd(row + lane, g1")),  # grad_input lanes
+    (TILED, ("acc1 += slots[j].weight", "acc1 += 0 * slots[j].weight")),  # forward, odd samples
+    (TILED, ("(upper ? high : low) + __shfl_xor_sync", "(upper ? low : high) + __shfl_xor_sync")),  # grad_weight sums
+    (TILED, ("*out = (b0 == 0 ? 0.0f : *out) + mine;", "*out = mine;")),  # grad_weight over batch tiles
     # the gather grad-x: the last feature's sum of a chunk, a feature change, the group stride,
     # the batch tile of the output, the chunk-local label
     (GATHER, ("    my_sums[feature * TILE_B] += acc0;\n    my_sums[feature * TILE_B + 1] += acc1;\n  }", "  }")),

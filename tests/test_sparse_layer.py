@@ -241,7 +241,7 @@ def test_transposed_connectivity_lists_every_slot_by_chunk_and_feature(problem, 
             assert order[starts[c * in_features + d]:starts[c * in_features + d + 1]].tolist() == expected
 
 
-MODULE_BACKENDS = ["torch"] + (["cuda", "cuda-v4"] if GPU else [])
+MODULE_BACKENDS = ["torch"] + (["cuda"] if GPU else [])
 
 
 @pytest.mark.parametrize("backend", MODULE_BACKENDS)
