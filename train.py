@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -114,6 +115,11 @@ class Config:
     eval_every: int = 1
     eval_batch_size: int = 256
     patience: int = 0  # stop after this many evaluations without a better test P@3 (0: never)
+    # logging: log.jsonl gets a record per epoch, and per log_every training batches when > 0
+    log_every: int = 0
+    wandb: bool = False  # also send every record to Weights & Biases (rank 0; needs `pip install wandb`)
+    wandb_project: str = "xmc-dst"
+    wandb_name: str = ""  # the run's name there (default: wandb's own)
 
     def __post_init__(self):
         choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *data.LAYOUTS),
@@ -128,6 +134,10 @@ class Config:
         for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.log_every < 0:
+            raise ValueError(f"--log-every must be 0 (off) or a number of batches, got {self.log_every}")
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb off)")
 
 
 def folder_defaults(folder, given):
@@ -256,6 +266,7 @@ def build(config, source, xmc, clusters, device, rank=0, world=1):
         scaler=torch.amp.GradScaler(device.type, init_scale=2**12,
                                     enabled=device.type == "cuda" and config.precision == "fp16"),
         saved=dict(model_arguments=arguments, inputs=inputs,
+                   label_counts=torch.from_numpy(xmc.label_frequencies().astype(np.int32)),  # plot.py: head vs tail
                    max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
                                        propensity=(config.propensity_a, config.propensity_b))))
@@ -419,9 +430,45 @@ def rewire(config, t, device):
     return stats["rewired"]
 
 
-def train_epoch(config, t, epoch, split, tokens, device):
+class RunLog:
+    """The run's records (rank 0): appended to <out>/log.jsonl and, with --wandb, sent to Weights &
+    Biases (imported only then). Epoch records as they always were; step records carry "kind": "step"."""
+
+    def __init__(self, config, out, rank):
+        self.path = out / "log.jsonl" if rank == 0 else None
+        self.wandb = None
+        if rank == 0 and config.wandb:
+            import wandb  # noqa: only when asked (Config checked that it is installed)
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_name or None,
+                                    config=dataclasses.asdict(config))
+
+    def write(self, record):
+        if self.path is None:
+            return
+        with open(self.path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log({("step/" if record.get("kind") == "step" else "") + k: v for k, v in numbers.items()},
+                           step=record["batch"])
+
+
+def step_record(config, t, epoch, s, losses, batches, seconds, device):
+    """The record of the last `batches` training batches: their mean losses, the learning rates,
+    speed, and the GPU's peak memory so far."""
+    loss, main, aux = (losses / batches).tolist()
+    record = {"kind": "step", "epoch": epoch + 1, "batch": t.batch, "loss": loss, "main": main, "aux": aux,
+              "aux_weight": s, "lr": [g["lr"] for optimizer in t.optimizers for g in optimizer.param_groups],
+              "ms_per_batch": 1e3 * seconds / batches, "documents_per_s": batches * config.batch_size / seconds}
+    if device.type == "cuda":
+        record["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return record
+
+
+def train_epoch(config, t, epoch, split, tokens, device, run_log):
     """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages.
-    Windows of grad_accum batches; the last one of the epoch may be shorter."""
+    Windows of grad_accum batches; the last one of the epoch may be shorter. With --log-every N, a
+    step record every N batches."""
     t.network.train()
     torch.manual_seed(seed_of(config.seed, epoch, t.rank))  # dropout: fixed per epoch (exact resume), new per rank
     totals, rewired = torch.zeros(3, dtype=torch.float64), 0
@@ -429,12 +476,20 @@ def train_epoch(config, t, epoch, split, tokens, device):
                            tokens=tokens, rank=t.rank, world=t.world, even=True)
     progress = tqdm(batches, total=t.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
                     disable=None if t.rank == 0 else True, leave=False)
+    since, since_totals = time.time(), totals.clone()  # for the step records
     for number, batch in enumerate(progress, start=1):
         before = (number - 1) // config.grad_accum * config.grad_accum  # batches of the epoch before this window
         window = min(config.grad_accum, t.batches_per_epoch - before)
         s, losses, step_rewired = train_step(config, t, batch.to(device), device, window, number - before == window)
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
         progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
+        if config.log_every and t.batch % config.log_every == 0:
+            record = step_record(config, t, epoch, s, totals - since_totals, config.log_every, time.time() - since, device)
+            run_log.write(record)
+            if t.rank == 0:
+                progress.write(f"batch {t.batch}: loss {record['loss']:.4g}, {record['ms_per_batch']:.0f} ms/batch, "
+                               f"{record['documents_per_s']:.0f} documents/s")
+            since, since_totals = time.time(), totals.clone()
     loss, main, aux = (totals / t.batches_per_epoch).tolist()
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
 
@@ -553,10 +608,11 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
 
     if rank == 0:
         prepare_out(config, t, out, first_epoch)
+    run_log = RunLog(config, out, rank)
     results, epoch = {}, first_epoch - 1
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
-        record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device)
+        record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device, run_log)
         if not all(bool(torch.isfinite(p).all()) for p in t.network.parameters()):
             raise FloatingPointError(f"non-finite weights after batch {t.batch}; the checkpoint of the epoch before "
                                      f"is kept")
@@ -571,9 +627,8 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
                    "best_epoch": t.best.get("epoch"), "best_P@1": t.best.get("P@1")}
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
               f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else ""))
+        run_log.write(record)
         if rank == 0:
-            with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
             state = checkpoint_state(t, epoch, config)
             if improved:
                 save_checkpoint(out / "checkpoint.best.pt", state, keep_previous=False)

@@ -511,3 +511,27 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
 def test_bad_options_are_refused_in_one_line(argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_config(argv)
+
+
+def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, tmp_path):
+    tiny = dataclasses.replace(tiny, device="cpu", log_every=4)
+    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
+    train.run(straight)
+    damaged = dataclasses.replace(tiny, out=str(tmp_path / "damaged"))
+    train.run(damaged, stop_after_epoch=2)
+    newest = Path(damaged.out) / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:100_000])  # falls back to epoch 1: epoch 2's records must go
+    train.run(dataclasses.replace(damaged, resume=True))
+    logs = [[json.loads(line) for line in open(Path(run.out) / "log.jsonl")] for run in (straight, damaged)]
+    steps = [r for r in logs[0] if r.get("kind") == "step"]
+    assert [r["batch"] for r in steps] == list(range(4, logs[0][-1]["batch"] + 1, 4))
+    assert all(r["ms_per_batch"] > 0 and r["documents_per_s"] > 0 and len(r["lr"]) >= 2 for r in steps)
+    assert [r["epoch"] for r in logs[0] if "kind" not in r] == [1, 2, 3]  # the epoch records as before
+    same = lambda log: [(r.get("kind"), r["epoch"], r["batch"], r["loss"]) for r in log]
+    assert same(logs[0]) == same(logs[1])
+
+
+def test_wandb_without_the_package_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"^--wandb needs the wandb package: pip install wandb"):
+        train.parse_config(["--wandb"])
