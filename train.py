@@ -452,6 +452,10 @@ class RunLog:
             self.wandb.log({("step/" if record.get("kind") == "step" else "") + k: v for k, v in numbers.items()},
                            step=record["batch"])
 
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
 
 def step_record(config, t, epoch, s, losses, batches, seconds, device):
     """The record of the last `batches` training batches: their mean losses, the learning rates,
@@ -637,6 +641,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
             print(f"early stop: test P@3 has not improved for {t.stale} evaluations")
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            run_log.close()
             return results
     print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, "
           f"{epoch + 1} epochs in {time.time() - started:.0f}s:")
@@ -644,6 +649,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         print(evaluate.table((f"last, epoch {epoch + 1}", results), (f"best P@1, epoch {t.best['epoch']}", t.best)))
     if device.type == "cuda":
         print(f"peak GPU memory {memory_report(t.network, device)['peak_gpu_MB']:.0f} MB")
+    run_log.close()
     return results
 
 
