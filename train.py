@@ -480,7 +480,7 @@ def train_epoch(config, t, epoch, split, tokens, device, run_log):
                            tokens=tokens, rank=t.rank, world=t.world, even=True)
     progress = tqdm(batches, total=t.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
                     disable=None if t.rank == 0 else True, leave=False)
-    since, since_totals = time.time(), totals.clone()  # for the step records
+    since, since_totals, since_number = time.time(), totals.clone(), 0  # where the last step record left off
     for number, batch in enumerate(progress, start=1):
         before = (number - 1) // config.grad_accum * config.grad_accum  # batches of the epoch before this window
         window = min(config.grad_accum, t.batches_per_epoch - before)
@@ -488,12 +488,13 @@ def train_epoch(config, t, epoch, split, tokens, device, run_log):
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
         progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
         if config.log_every and t.batch % config.log_every == 0:
-            record = step_record(config, t, epoch, s, totals - since_totals, config.log_every, time.time() - since, device)
+            record = step_record(config, t, epoch, s, totals - since_totals, number - since_number, time.time() - since,
+                                 device)
             run_log.write(record)
             if t.rank == 0:
                 progress.write(f"batch {t.batch}: loss {record['loss']:.4g}, {record['ms_per_batch']:.0f} ms/batch, "
                                f"{record['documents_per_s']:.0f} documents/s")
-            since, since_totals = time.time(), totals.clone()
+            since, since_totals, since_number = time.time(), totals.clone(), number
     loss, main, aux = (totals / t.batches_per_epoch).tolist()
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
 

@@ -526,6 +526,24 @@ def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, t
     steps = [r for r in logs[0] if r.get("kind") == "step"]
     assert [r["batch"] for r in steps] == list(range(4, logs[0][-1]["batch"] + 1, 4))
     assert all(r["ms_per_batch"] > 0 and r["documents_per_s"] > 0 and len(r["lr"]) >= 2 for r in steps)
+
+    # a record's loss is the mean over its epoch's batches since the record before: against a run
+    # that records every batch (at an interval of 3 too, which epochs do not divide)
+    every = dataclasses.replace(tiny, log_every=1, out=str(tmp_path / "every"))
+    thirds = dataclasses.replace(tiny, log_every=3, out=str(tmp_path / "thirds"))
+    for run in (every, thirds):
+        train.run(run)
+    single, grouped = ([r for r in map(json.loads, open(Path(run.out) / "log.jsonl")) if r.get("kind")]
+                       for run in (every, thirds))
+    loss_at = {r["batch"]: r["loss"] for r in single}
+    epoch_start = {r["epoch"]: r["batch"] - 1 for r in single[::-1]}  # the batch before each epoch's first
+    assert any((r["batch"] - epoch_start[r["epoch"]]) % 3 for r in grouped)  # some window is cut by an epoch
+    previous = {}
+    for r in grouped:
+        start = max(previous.get(r["epoch"], 0), epoch_start[r["epoch"]])
+        expected = np.mean([loss_at[b] for b in range(start + 1, r["batch"] + 1)])
+        assert r["loss"] == pytest.approx(expected, rel=1e-9), r
+        previous[r["epoch"]] = r["batch"]
     assert [r["epoch"] for r in logs[0] if "kind" not in r] == [1, 2, 3]  # the epoch records as before
     same = lambda log: [(r.get("kind"), r["epoch"], r["batch"], r["loss"]) for r in log]
     assert same(logs[0]) == same(logs[1])
