@@ -324,14 +324,6 @@ def bench_step(args, device):
                 del layer, optimizer
 
 
-def dlpack_argument(value):
-    """How v4 passed a tensor to a kernel: a cupy view through DLPack, made on every launch."""
-    import cupy
-    if isinstance(value, torch.Tensor):
-        return cupy.from_dlpack((value.view(torch.int16) if value.element_size() == 2 else value).detach())
-    return np.int32(value)
-
-
 def per_call_us(function, calls):
     started = time.perf_counter()
     for _ in range(calls):
@@ -341,29 +333,23 @@ def per_call_us(function, calls):
 
 def bench_launch(args, device, calls=300):
     """Host time per forward + backward call of the cuda backend at a shape so small (L = 4,096,
-    B = 8) that the GPU waits for the host: the launch path's cost, with raw device addresses as
-    kernel arguments (v5) and with a DLPack view per tensor (v4); nn.Linear for scale. Then the
-    pieces of one launch, each timed alone."""
+    B = 8) that the GPU waits for the host: the launch path's cost, nn.Linear for scale. Then the
+    pieces of one launch, each timed alone. (v4 passed each tensor as a cupy DLPack view: 189 µs
+    for nine arguments against 9.5 µs as raw addresses on an H200, kernels_notes.md.)"""
     import cupy
     if device.type != "cuda" or not sparse_layer.cupy_available():
         raise SystemExit("bench.py --launch times the cuda backend's launches: it needs a GPU and cupy")
-    print("| layer | kernel arguments | host µs per forward + backward |\n|---|---|---|")
+    print("| layer | host µs per forward + backward |\n|---|---|")
     x = torch.randn(8, args.features, device=device, requires_grad=True)
-    for kind, arguments in (("dense", None), ("cuda", sparse_layer._kernel_argument), ("cuda", dlpack_argument)):
+    for kind in ("dense", "cuda"):
         layer = make_layer(kind, 4096, args.features, 32, torch.float32, device)
-        original = sparse_layer._kernel_argument
-        sparse_layer._kernel_argument = arguments or original
-        try:
-            step = lambda: layer(x).sum().backward()
-            for _ in range(10):  # warm-up
-                step()
-            torch.cuda.synchronize()
-            us = per_call_us(step, calls)
-            torch.cuda.synchronize()
-        finally:
-            sparse_layer._kernel_argument = original
-        described = "-" if arguments is None else ("raw addresses (v5)" if arguments is original else "DLPack views (v4)")
-        print(f"| {kind} | {described} | {us:.0f} |", flush=True)
+        step = lambda: layer(x).sum().backward()
+        for _ in range(10):  # warm-up
+            step()
+        torch.cuda.synchronize()
+        us = per_call_us(step, calls)
+        torch.cuda.synchronize()
+        print(f"| {kind} | {us:.0f} |", flush=True)
     index, pieces = device.index or 0, {}
     pieces["torch.cuda.current_stream(device)"] = lambda: torch.cuda.current_stream(device).cuda_stream
     pieces["sparse_layer.current_stream (private call)"] = lambda: sparse_layer.current_stream(index)
@@ -373,8 +359,7 @@ def bench_launch(args, device, calls=300):
         with cupy.cuda.Device(index), stream:
             pass
     pieces["cupy device and stream contexts"] = contexts
-    pieces["kernel arguments, raw (9)"] = lambda: tuple(map(sparse_layer._kernel_argument, [x] * 5 + [1] * 4))
-    pieces["kernel arguments, DLPack (9)"] = lambda: tuple(map(dlpack_argument, [x] * 5 + [1] * 4))
+    pieces["nine kernel arguments"] = lambda: tuple(map(sparse_layer._kernel_argument, [x] * 5 + [1] * 4))
     print("| piece of one launch | host µs |\n|---|---|")
     for name, function in pieces.items():
         print(f"| {name} | {per_call_us(function, 2000):.1f} |", flush=True)
