@@ -27,6 +27,7 @@ amazon3m (SHAPES) and measures two `train.py --dry-run` starts on it, each in it
 load, label clustering and token-cache times, and peak resident memory (getrusage).
 """
 import argparse
+import contextlib
 import functools
 import importlib.util
 import json
@@ -128,18 +129,15 @@ def layer_kinds(args, device, dtype):
     return sorted(kinds, key=lambda k: not k.startswith("dense"))
 
 
-class tf32:
-    """Allow TF32 matrix products inside the block (dense-tf32 only): fp32 inputs, 10-bit mantissas."""
-
-    def __init__(self, kind):
-        self.on = kind == "dense-tf32"
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on or self.saved
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
+@contextlib.contextmanager
+def tf32(kind):
+    """Allow TF32 matrix products inside the block for dense-tf32 (fp32 inputs, 10-bit mantissas)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = saved or kind == "dense-tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def layer_bytes(layer):
