@@ -3,6 +3,8 @@
 For every (dtype, batch B, fan-in k) it times forward and backward separately for
   sparse/cuda        - the kernels of kernels.cu as the layer runs them (GPU with cupy only): tiled
                        forward and grad-w, grad-x as a gather over the transposed connectivity,
+  sparse/cuda-v6     - v6 (not yet measured): one backward kernel for grad-x and grad-w, the next
+                       chunk staged while one is read, 8-byte reads (4 samples a lane in 16 bit),
   sparse/cuda-simple - the simple kernels of kernels.cu (the first, correct-first set),
   sparse/torch       - the pure-PyTorch backend,
   dense              - nn.Linear(D, L), the baseline the paper's memory claim is measured against,
@@ -60,7 +62,7 @@ def parse_args():
     p.add_argument("--fan-in", type=int, nargs="+", default=[32, 64, 128] if gpu else [32, 128])
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"] if gpu else ["float32"],
                    choices=["float32", "float16", "bfloat16"])
-    kinds = ["cuda", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
+    kinds = ["cuda", "cuda-v6", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
     p.add_argument("--layers", nargs="+", default=kinds, choices=kinds)
     p.add_argument("--throughput", action="store_true", help="time steps back to back, not one call at a time")
     p.add_argument("--repeats", type=int, default=20 if gpu else 3, help="timed runs (median reported)")
@@ -339,7 +341,7 @@ def bench_launch(args, device, calls=300):
         raise SystemExit("bench.py --launch times the cuda backend's launches: it needs a GPU and cupy")
     print("| layer | host µs per forward + backward |\n|---|---|")
     x = torch.randn(8, args.features, device=device, requires_grad=True)
-    for kind in ("dense", "cuda"):
+    for kind in ("dense", "cuda", "cuda-v6"):
         layer = make_layer(kind, 4096, args.features, 32, torch.float32, device)
         step = lambda: layer(x).sum().backward()
         for _ in range(10):  # warm-up

@@ -15,7 +15,8 @@ feature, so that gathering the features of a label reads whole rows):
   * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
     forward and grad-w kernels where a tile of xT fits in shared memory and grad-x as a gather
     over the transposed connectivity, the simple kernels otherwise ("cuda-simple": the simple,
-    correct-first kernels always, to compare).
+    correct-first kernels always, to compare; "cuda-v6": one backward kernel for grad-x and
+    grad-w and 8-byte reads in 16 bit, tested on the CPU but not yet measured on a GPU).
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
 
 The input gradient reads the connectivity the other way round (for every input feature, the
@@ -41,7 +42,7 @@ CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 # stay in cache while every feature's bag reads them (at L = 100k, k = 32, B = 128 on 2 cores:
 # 22 ms in chunks of 2,048 labels, 42 ms in chunks of 8,192, 69 ms in one); a GPU takes all at once.
 GATHER_LABELS = {"cpu": 2048, "cuda": 1 << 31}
-BACKENDS = ("auto", "torch", "cuda", "cuda-simple")
+BACKENDS = ("auto", "torch", "cuda", "cuda-simple", "cuda-v6")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +79,18 @@ def transpose_connectivity(indices, in_features, chunk):
     return Transposed(order.int(), starts)
 
 
-class TorchOps:
+class Ops:
+    """What every backend provides besides its kernels: the backward pass as two gradients."""
+
+    @classmethod
+    def backward(cls, grad_yT, xT, weight, indices, transposed, need_x, need_weight):
+        """(grad_xT or None, grad_weight or None); `transposed()` gives the transposed connectivity."""
+        grad_xT = cls.grad_input(grad_yT, weight, indices, xT.shape[0], transposed()) if need_x else None
+        grad_weight = cls.grad_weight(grad_yT, xT, indices) if need_weight else None
+        return grad_xT, grad_weight
+
+
+class TorchOps(Ops):
     @staticmethod
     def forward(xT, weight, indices, bias):
         # EmbeddingBag is exactly this product: bag l sums the rows indices[l, :] of the "embedding
@@ -147,12 +159,32 @@ class TorchOps:
 # ---------------------------------------------------------------------------------------------
 # Backend "cuda": kernels.cu through cupy, on PyTorch's current stream.
 
-SIMPLE_KERNELS = ("fixed_fanin_forward", "fixed_fanin_grad_input", "fixed_fanin_grad_weight")
-KERNEL_NAMES = SIMPLE_KERNELS + ("fixed_fanin_forward_tiled", "fixed_fanin_grad_weight_tiled", "fixed_fanin_grad_input_gather")
 KERNEL_TYPES = {torch.float32: "float", torch.float16: "half16", torch.bfloat16: "bfloat16"}
+SIMPLE_KERNELS = ("fixed_fanin_forward", "fixed_fanin_grad_input", "fixed_fanin_grad_weight")
+TILED_KERNELS = ("fixed_fanin_forward_tiled", "fixed_fanin_grad_weight_tiled")  # templates <T, S>
 THREADS_PER_BLOCK = 256  # simple kernels
 MAX_BLOCKS = 1 << 20  # simple kernels loop grid-stride over what one launch does not cover
-TILE_B, SLOT_BYTES, GATHER_CHUNK = 64, 8, 256  # as in kernels.cu
+SLOT_BYTES, GATHER_CHUNK = 8, 256  # as in kernels.cu
+
+
+def wide_samples(dtype):
+    """Samples per lane (S) of v6's 8-byte reads: 2 in fp32, 4 in 16 bit (v5 reads S = 2 always)."""
+    return 64 // torch.finfo(dtype).bits
+
+
+def kernel_instances():
+    """(name, dtype, S) of every kernel instance a backend launches; S = 0: no S parameter."""
+    instances = []
+    for dtype in KERNEL_TYPES:
+        instances += [(name, dtype, 0) for name in SIMPLE_KERNELS + ("fixed_fanin_grad_input_gather",)]
+        instances += [(name, dtype, s) for name in TILED_KERNELS for s in sorted({2, wide_samples(dtype)})]
+        instances.append(("fixed_fanin_backward_gather", dtype, wide_samples(dtype)))
+    return instances
+
+
+def kernel_expression(name, dtype, samples):
+    """The C++ name of one instance, e.g. "fixed_fanin_forward_tiled<bfloat16, 4>"."""
+    return f"{name}<{KERNEL_TYPES[dtype]}{f', {samples}' if samples else ''}>"
 
 
 def launch_config(num_threads):
@@ -172,7 +204,7 @@ def cupy_available():
 def _kernels():
     """Compile kernels.cu once per process; cupy caches the binary on disk across processes."""
     import cupy
-    names = [f"{name}<{t}>" for name in KERNEL_NAMES for t in KERNEL_TYPES.values()]
+    names = [kernel_expression(*instance) for instance in kernel_instances()]
     source = (Path(__file__).parent / "kernels.cu").read_text()
     module = cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=names)
     return {name: module.get_function(name) for name in names}
@@ -207,10 +239,10 @@ def _kernel(name, device_index, large_shared):
 def _kernel_argument(value):
     """Tensors travel as their raw device address (a pointer is 8 bytes), ints as 32-bit ints.
     v4 wrapped every tensor in a cupy DLPack view instead, on every launch: host time that the
-    GPU spent idle (kernels_notes.md measures both)."""
+    GPU spent idle (kernels_notes.md measures both). None is the null pointer."""
     if isinstance(value, torch.Tensor):
         return np.uint64(value.data_ptr())
-    return np.int32(value)
+    return np.uint64(0) if value is None else np.int32(value)
 
 
 def current_stream(device_index):
@@ -222,16 +254,16 @@ def current_stream(device_index):
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _launch(name, dtype, blocks, threads, shared_bytes, *args):
+def _launch(name, dtype, samples, blocks, threads, shared_bytes, *args):
     import cupy
     device = args[0].device
-    kernel = _kernel(f"{name}<{KERNEL_TYPES[dtype]}>", device.index, shared_bytes > 48 * 1024)
+    kernel = _kernel(kernel_expression(name, dtype, samples), device.index, shared_bytes > 48 * 1024)
     # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
     with cupy.cuda.Device(device.index), _cupy_stream(current_stream(device.index), device.index):
         kernel((blocks,), (threads,), tuple(map(_kernel_argument, args)), shared_mem=shared_bytes)
 
 
-class CudaOps:
+class CudaOps(Ops):
     """The kernels of kernels.cu: tiled where the activation tile fits in shared memory and grad-x
     as a gather where its chunk fits, else simple. `launch` and `limits` are the seams the CPU
     shim tests replace."""
@@ -239,6 +271,14 @@ class CudaOps:
     tile_threads = 1024
     use_tiles = True
     gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
+    # The gather's layout: chunk buffers, shared bytes per thread (a slot; v6 also its position),
+    # and whether a block walks the batch tiles itself (v6) or each tile has its own blocks (v5).
+    gather_buffers, gather_thread_bytes, gather_walks_tiles = 1, SLOT_BYTES, False
+
+    @staticmethod
+    def samples(dtype):
+        """Samples per lane (S) of the tiled kernels; a batch tile holds 32 * S samples."""
+        return 2
 
     @staticmethod
     def limits(device):
@@ -250,11 +290,13 @@ class CudaOps:
         return transpose_connectivity(indices, in_features, cls.gather_chunk) if cls.use_tiles else None
 
     @classmethod
-    def tiled_launch(cls, device, tile_bytes, num_labels):
-        """(blocks, threads, shared bytes) of a tiled kernel, or None where its tile does not fit:
-        as many blocks as stay resident at once, so that each block copies each tile once."""
+    def tiled_launch(cls, xT, num_labels):
+        """(blocks, threads, shared bytes) of a tiled kernel on xT [D, B], or None where its tile
+        does not fit: as many blocks as stay resident at once, so that each block copies each
+        tile once."""
+        tile_bytes = xT.shape[0] * 32 * cls.samples(xT.dtype) * xT.element_size()
         shared = cls.tile_threads * SLOT_BYTES + tile_bytes  # a slot buffer per lane, the tile
-        multiprocessors, per_block, per_multiprocessor = cls.limits(device)
+        multiprocessors, per_block, per_multiprocessor = cls.limits(xT.device)
         if not cls.use_tiles or shared > per_block:
             return None
         # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
@@ -263,24 +305,25 @@ class CudaOps:
         return blocks, cls.tile_threads, shared
 
     @classmethod
-    def gather_launch(cls, device, element_size, num_labels, batch, in_features):
-        """(blocks, threads, shared bytes, features per warp, groups) of the gather grad-x kernel,
-        or None where even one feature per warp does not fit. The block's accumulators for its
-        features are the large part of its shared memory: where all D do not fit, the features
-        are split into parts (each part reads grad_yT once more). One block per multiprocessor."""
-        multiprocessors, per_block, _ = cls.limits(device)
-        warps = cls.tile_threads // 32
-        fixed = cls.tile_threads * SLOT_BYTES + cls.gather_chunk * TILE_B * element_size
+    def gather_launch(cls, grad_yT, num_labels, in_features):
+        """(blocks, threads, shared bytes, features per warp, groups) of the gather kernel, or None
+        where even one feature per warp does not fit. The block's accumulators for its features
+        are the large part of its shared memory: where all D do not fit, the features are split
+        into parts (each part reads grad_yT once more). One block per multiprocessor."""
+        multiprocessors, per_block, _ = cls.limits(grad_yT.device)
+        warps, tile = cls.tile_threads // 32, 32 * cls.samples(grad_yT.dtype)
+        fixed = cls.tile_threads * cls.gather_thread_bytes + cls.gather_buffers * cls.gather_chunk * tile * grad_yT.element_size()
         for parts in range(1, in_features + 1):
             per_warp = math.ceil(in_features / (warps * parts))
-            shared = fixed + warps * per_warp * TILE_B * 4
+            shared = fixed + warps * per_warp * tile * 4
             if shared <= per_block:
                 break
         else:
             return None
-        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(batch / TILE_B)
-        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // (parts * tiles)))
-        return groups * parts * tiles, cls.tile_threads, shared, per_warp, groups
+        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(grad_yT.shape[1] / tile)
+        per_group = parts if cls.gather_walks_tiles else parts * tiles  # blocks that share a group of chunks
+        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // per_group))
+        return groups * per_group, cls.tile_threads, shared, per_warp, groups
 
     @classmethod
     def forward(cls, xT, weight, indices, bias):
@@ -288,12 +331,12 @@ class CudaOps:
         yT = torch.empty(labels, batch, dtype=xT.dtype, device=xT.device)
         if yT.numel() == 0:
             return yT
-        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
+        tiled = cls.tiled_launch(xT, labels)
         if tiled:
-            cls.launch("fixed_fanin_forward_tiled", xT.dtype, *tiled,
+            cls.launch("fixed_fanin_forward_tiled", xT.dtype, cls.samples(xT.dtype), *tiled,
                        xT, weight, indices, bias, yT, labels, fan_in, batch, in_features)
         else:
-            cls.launch("fixed_fanin_forward", xT.dtype, *launch_config(labels * batch), 0,
+            cls.launch("fixed_fanin_forward", xT.dtype, 0, *launch_config(labels * batch), 0,
                        xT, weight, indices, bias, yT, labels, fan_in, batch)
         return yT
 
@@ -302,17 +345,17 @@ class CudaOps:
         (labels, fan_in), batch = weight.shape, grad_yT.shape[1]
         if in_features * batch == 0 or weight.numel() == 0:
             return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device)
-        gather = transposed and cls.gather_launch(grad_yT.device, grad_yT.element_size(), labels, batch, in_features)
+        gather = transposed and cls.gather_launch(grad_yT, labels, in_features)
         if gather:  # each group of chunks sums into its own slice; the slices are added in a fixed order
             blocks, threads, shared, per_warp, groups = gather
             partial = torch.empty(groups, in_features, batch, dtype=torch.float32, device=grad_yT.device)
-            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, blocks, threads, shared,
+            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, 0, blocks, threads, shared,
                        grad_yT, weight, indices, transposed.order, transposed.starts, partial,
                        labels, fan_in, batch, in_features, per_warp, groups)
             return partial.sum(0).to(grad_yT.dtype)
         # float32 buffer: the simple kernel scatters with float atomics
         grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
-        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
+        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, 0, *launch_config(labels * batch), 0,
                    grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
         return grad_xT.to(grad_yT.dtype)
 
@@ -321,16 +364,40 @@ class CudaOps:
         (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
         if indices.numel() == 0 or batch == 0:
             return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
-        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
+        tiled = cls.tiled_launch(xT, labels)
         if tiled:  # sums over batch tiles in float; one cast at the end
             grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device)
-            cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, *tiled,
+            cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, cls.samples(xT.dtype), *tiled,
                        grad_yT, xT, indices, grad_weight, labels, fan_in, batch, in_features)
             return grad_weight.to(xT.dtype)
         grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
-        cls.launch("fixed_fanin_grad_weight", xT.dtype, *launch_config(labels * fan_in), 0,
+        cls.launch("fixed_fanin_grad_weight", xT.dtype, 0, *launch_config(labels * fan_in), 0,
                    grad_yT, xT, indices, grad_weight, labels, fan_in, batch)
         return grad_weight
+
+
+class CudaV6Ops(CudaOps):
+    """Backend "cuda-v6" (issue 14): one backward kernel for grad-x and grad-w, the next chunk
+    staged while the current one is read, and 8-byte reads in every dtype (16 bit: 4 samples a
+    lane, also in the tiled forward). Property-tested on the CPU, not yet measured on a GPU: once
+    it has been, the faster of "cuda" and "cuda-v6" stays and the other goes."""
+    samples = staticmethod(wide_samples)
+    gather_buffers, gather_thread_bytes, gather_walks_tiles = 2, SLOT_BYTES + 4, True
+
+    @classmethod
+    def backward(cls, grad_yT, xT, weight, indices, transposed, need_x, need_weight):
+        (labels, fan_in), (in_features, batch) = weight.shape, xT.shape
+        connectivity = transposed() if need_x else None
+        gather = connectivity and in_features * batch and weight.numel() and cls.gather_launch(grad_yT, labels, in_features)
+        if not gather:
+            return super().backward(grad_yT, xT, weight, indices, lambda: connectivity, need_x, need_weight)
+        blocks, threads, shared, per_warp, groups = gather
+        partial_x = torch.empty(groups, in_features, batch, dtype=torch.float32, device=xT.device)
+        grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device) if need_weight else None
+        cls.launch("fixed_fanin_backward_gather", xT.dtype, cls.samples(xT.dtype), blocks, threads, shared,
+                   grad_yT, xT, weight, indices, connectivity.order, connectivity.starts, partial_x, grad_weight,
+                   labels, fan_in, batch, in_features, per_warp, groups)
+        return partial_x.sum(0).to(xT.dtype), None if grad_weight is None else grad_weight.to(xT.dtype)
 
 
 class SimpleCudaOps(CudaOps):
@@ -359,11 +426,10 @@ class _FixedFanIn(torch.autograd.Function):
     def backward(ctx, grad_y):
         xT, weight, indices = ctx.saved_tensors
         grad_yT = grad_y.t().contiguous()
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.transposed()).t()
-        if ctx.needs_input_grad[1]:
-            grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
+        grad_xT, grad_weight = ctx.ops.backward(grad_yT, xT, weight, indices, ctx.transposed,
+                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_x = None if grad_xT is None else grad_xT.t()
+        grad_bias = None
         if ctx.needs_input_grad[3]:
             grad_bias = grad_yT.sum(1, dtype=_accumulation_dtype(grad_yT.dtype)).to(grad_yT.dtype)
         return grad_x, grad_weight, None, grad_bias, None, None
@@ -381,7 +447,7 @@ def _resolve_backend(backend, x):
             raise ValueError(f"backend={backend!r} needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
         if x.dtype not in KERNEL_TYPES:
             raise ValueError(f"backend={backend!r} supports {list(KERNEL_TYPES)}, got {x.dtype}")
-        return SimpleCudaOps if backend == "cuda-simple" else CudaOps
+        return {"cuda": CudaOps, "cuda-simple": SimpleCudaOps, "cuda-v6": CudaV6Ops}[backend]
     return TorchOps
 
 

@@ -36,24 +36,27 @@ def problems(draw, max_size=48):
     }
 
 
-def check_against_reference(problem, backend, dtype, device="cpu"):
-    """Run forward + backward through fixed_fanin_linear and compare all four results."""
+def check_against_reference(problem, backend, dtype, device="cpu", needs=("x", "weight")):
+    """Run forward + backward through fixed_fanin_linear and compare all four results (of x's and
+    weight's gradients, those in `needs`; the others are not asked for)."""
     # Round the inputs to `dtype` first, so the reference sees exactly what the backend sees.
     x, weight = problem["x"].to(dtype), problem["weight"].to(dtype)
     bias, grad_y = problem["bias"], problem["grad_y"].to(dtype)
     expected = dense_reference(x, weight, problem["indices"], None if bias is None else bias.to(dtype), grad_y)
     magnitudes = dense_reference(x.abs(), weight.abs(), problem["indices"], None, grad_y.abs())
 
-    on_device = lambda t: None if t is None else t.to(device).detach().requires_grad_(t.is_floating_point())
-    x_, w_, b_ = on_device(x), on_device(weight), on_device(None if bias is None else bias.to(dtype))
+    on_device = lambda t, grad=True: None if t is None else t.to(device).detach().requires_grad_(grad)
+    x_, w_ = on_device(x, "x" in needs), on_device(weight, "weight" in needs)
+    b_ = on_device(None if bias is None else bias.to(dtype))
     y = fixed_fanin_linear(x_, w_, problem["indices"].to(device), b_, backend=backend)
     y.backward(grad_y.to(device))
 
     tol = TOLERANCE[dtype]
     assert y.dtype == dtype and y.shape == expected["y"].shape
     assert_close(y, expected["y"], tol, magnitudes["y"] + (0 if bias is None else bias.abs().double()))
-    assert_close(x_.grad, expected["grad_x"], tol, magnitudes["grad_x"])
-    assert_close(w_.grad, expected["grad_weight"], tol, magnitudes["grad_weight"])
+    for name, tensor in (("x", x_), ("weight", w_)):
+        if name in needs:
+            assert_close(tensor.grad, expected[f"grad_{name}"], tol, magnitudes[f"grad_{name}"])
     if bias is not None:
         assert_close(b_.grad, expected["grad_bias"], tol, magnitudes["grad_bias"])
 
@@ -166,20 +169,20 @@ def test_module_rejects_wrong_input_width():
         FixedFanInLinear(6, 4, 2)(torch.randn(3, 7))
 
 
-@pytest.mark.parametrize("backend", ["cuda", "cuda-simple"])
+@pytest.mark.parametrize("backend", ["cuda", "cuda-simple", "cuda-v6"])
 def test_cuda_backend_refuses_cpu_tensors(backend):
     with pytest.raises(ValueError, match="CUDA device"):
         fixed_fanin_linear(torch.randn(2, 3), torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), backend=backend)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
-@pytest.mark.parametrize("backend", ["cuda", "cuda-simple", "torch"])
+@pytest.mark.parametrize("backend", ["cuda", "cuda-v6", "cuda-simple", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @settings(max_examples=60, deadline=None)
-@given(problem=problems(max_size=150))
-def test_gpu_backends_match_dense_reference(backend, dtype, problem):
-    """cuda: the tiled kernels (these tiles always fit); cuda-simple: the simple ones."""
-    check_against_reference(problem, backend, dtype, device="cuda")
+@given(problem=problems(max_size=150), needs=st.sampled_from([("x", "weight"), ("x",), ("weight",)]))
+def test_gpu_backends_match_dense_reference(backend, dtype, problem, needs):
+    """cuda, cuda-v6: the tiled kernels (these tiles always fit); cuda-simple: the simple ones."""
+    check_against_reference(problem, backend, dtype, device="cuda", needs=needs)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
@@ -187,6 +190,7 @@ def test_cuda_backend_is_chosen_automatically():
     assert sparse_layer._resolve_backend("auto", torch.randn(2, 3, device="cuda")) is sparse_layer.CudaOps
     assert sparse_layer._resolve_backend("auto", torch.randn(2, 3, device="cuda").double()) is sparse_layer.TorchOps
     assert sparse_layer._resolve_backend("cuda-simple", torch.randn(2, 3, device="cuda")) is sparse_layer.SimpleCudaOps
+    assert sparse_layer._resolve_backend("cuda-v6", torch.randn(2, 3, device="cuda")) is sparse_layer.CudaV6Ops
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
@@ -241,7 +245,7 @@ def test_transposed_connectivity_lists_every_slot_by_chunk_and_feature(problem, 
             assert order[starts[c * in_features + d]:starts[c * in_features + d + 1]].tolist() == expected
 
 
-MODULE_BACKENDS = ["torch"] + (["cuda"] if GPU else [])
+MODULE_BACKENDS = ["torch"] + (["cuda", "cuda-v6"] if GPU else [])
 
 
 @pytest.mark.parametrize("backend", MODULE_BACKENDS)
@@ -270,17 +274,19 @@ def test_module_gradients_follow_new_indices_after_a_rewire_and_a_load(backend):
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
+@pytest.mark.parametrize("backend", ["cuda", "cuda-v6"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_grad_input_is_the_same_bits_every_run(dtype):
-    """The gather grad-x has no float atomics: two runs on the same input give identical bits."""
+def test_cuda_gradients_are_the_same_bits_every_run(backend, dtype):
+    """The gather backward has no float atomics: two runs on the same input give identical bits."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    layer = FixedFanInLinear(768, 20_000, 32, backend="cuda").to("cuda", dtype)
-    x = torch.randn(128, 768, device="cuda", dtype=dtype, generator=generator).requires_grad_()
-    grad_y = torch.randn(128, 20_000, device="cuda", dtype=dtype, generator=generator)
-    grads = []
+    layer = FixedFanInLinear(768, 20_000, 32, backend=backend).to("cuda", dtype)
+    x = torch.randn(200, 768, device="cuda", dtype=dtype, generator=generator).requires_grad_()
+    grad_y = torch.randn(200, 20_000, device="cuda", dtype=dtype, generator=generator)
+    runs = []
     for _ in range(2):
-        x.grad = None
+        x.grad = layer.weight.grad = None
         layer(x).backward(grad_y)
-        grads.append(x.grad.clone())
-    assert torch.equal(grads[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       grads[1].view(torch.int16 if dtype != torch.float32 else torch.int32))
+        runs.append([x.grad.clone(), layer.weight.grad.clone()])
+    for first, second in zip(*runs):
+        assert torch.equal(first.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           second.view(torch.int16 if dtype != torch.float32 else torch.int32))
