@@ -187,6 +187,19 @@ def kernel_expression(name, dtype, samples):
     return f"{name}<{KERNEL_TYPES[dtype]}{f', {samples}' if samples else ''}>"
 
 
+class GatherLayout(NamedTuple):
+    """What a gather kernel keeps in shared memory: S samples per lane, chunk buffers, bytes per
+    thread (a slot; v6 also its position), and whether a block walks the batch tiles itself (v6)
+    or each batch tile has blocks of its own (v5)."""
+    samples: int
+    buffers: int
+    thread_bytes: int
+    walks_tiles: bool
+
+
+V5_GATHER = GatherLayout(samples=2, buffers=1, thread_bytes=SLOT_BYTES, walks_tiles=False)
+
+
 def launch_config(num_threads):
     """(blocks, threads per block) of a 1-D grid-stride launch; also used by the CPU shim tests."""
     return max(1, min(math.ceil(num_threads / THREADS_PER_BLOCK), MAX_BLOCKS)), THREADS_PER_BLOCK
@@ -271,14 +284,11 @@ class CudaOps(Ops):
     tile_threads = 1024
     use_tiles = True
     gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
-    # The gather's layout: chunk buffers, shared bytes per thread (a slot; v6 also its position),
-    # and whether a block walks the batch tiles itself (v6) or each tile has its own blocks (v5).
-    gather_buffers, gather_thread_bytes, gather_walks_tiles = 1, SLOT_BYTES, False
 
     @staticmethod
     def samples(dtype):
-        """Samples per lane (S) of the tiled kernels; a batch tile holds 32 * S samples."""
-        return 2
+        """Samples per lane (S) the tiled kernels try, first choice first; a tile holds 32 * S samples."""
+        return (2,)
 
     @staticmethod
     def limits(device):
@@ -291,28 +301,28 @@ class CudaOps(Ops):
 
     @classmethod
     def tiled_launch(cls, xT, num_labels):
-        """(blocks, threads, shared bytes) of a tiled kernel on xT [D, B], or None where its tile
-        does not fit: as many blocks as stay resident at once, so that each block copies each
-        tile once."""
-        tile_bytes = xT.shape[0] * 32 * cls.samples(xT.dtype) * xT.element_size()
-        shared = cls.tile_threads * SLOT_BYTES + tile_bytes  # a slot buffer per lane, the tile
+        """(S, blocks, threads, shared bytes) of a tiled kernel on xT [D, B] with the first S whose
+        tile fits, or None where none does: as many blocks as stay resident at once, so that each
+        block copies each tile once."""
         multiprocessors, per_block, per_multiprocessor = cls.limits(xT.device)
-        if not cls.use_tiles or shared > per_block:
-            return None
-        # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
-        resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
-        blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
-        return blocks, cls.tile_threads, shared
+        for samples in cls.samples(xT.dtype) if cls.use_tiles else ():
+            shared = cls.tile_threads * SLOT_BYTES + xT.shape[0] * 32 * samples * xT.element_size()  # slots, tile
+            if shared <= per_block:
+                # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
+                resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
+                blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
+                return samples, blocks, cls.tile_threads, shared
+        return None
 
     @classmethod
-    def gather_launch(cls, grad_yT, num_labels, in_features):
-        """(blocks, threads, shared bytes, features per warp, groups) of the gather kernel, or None
+    def gather_launch(cls, grad_yT, num_labels, in_features, layout=V5_GATHER):
+        """(blocks, threads, shared bytes, features per warp, groups) of a gather kernel, or None
         where even one feature per warp does not fit. The block's accumulators for its features
         are the large part of its shared memory: where all D do not fit, the features are split
         into parts (each part reads grad_yT once more). One block per multiprocessor."""
         multiprocessors, per_block, _ = cls.limits(grad_yT.device)
-        warps, tile = cls.tile_threads // 32, 32 * cls.samples(grad_yT.dtype)
-        fixed = cls.tile_threads * cls.gather_thread_bytes + cls.gather_buffers * cls.gather_chunk * tile * grad_yT.element_size()
+        warps, tile = cls.tile_threads // 32, 32 * layout.samples
+        fixed = cls.tile_threads * layout.thread_bytes + layout.buffers * cls.gather_chunk * tile * grad_yT.element_size()
         for parts in range(1, in_features + 1):
             per_warp = math.ceil(in_features / (warps * parts))
             shared = fixed + warps * per_warp * tile * 4
@@ -321,7 +331,7 @@ class CudaOps(Ops):
         else:
             return None
         parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(grad_yT.shape[1] / tile)
-        per_group = parts if cls.gather_walks_tiles else parts * tiles  # blocks that share a group of chunks
+        per_group = parts if layout.walks_tiles else parts * tiles  # blocks that share a group of chunks
         groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // per_group))
         return groups * per_group, cls.tile_threads, shared, per_warp, groups
 
@@ -333,7 +343,7 @@ class CudaOps(Ops):
             return yT
         tiled = cls.tiled_launch(xT, labels)
         if tiled:
-            cls.launch("fixed_fanin_forward_tiled", xT.dtype, cls.samples(xT.dtype), *tiled,
+            cls.launch("fixed_fanin_forward_tiled", xT.dtype, *tiled,
                        xT, weight, indices, bias, yT, labels, fan_in, batch, in_features)
         else:
             cls.launch("fixed_fanin_forward", xT.dtype, 0, *launch_config(labels * batch), 0,
@@ -367,7 +377,7 @@ class CudaOps(Ops):
         tiled = cls.tiled_launch(xT, labels)
         if tiled:  # sums over batch tiles in float; one cast at the end
             grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device)
-            cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, cls.samples(xT.dtype), *tiled,
+            cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, *tiled,
                        grad_yT, xT, indices, grad_weight, labels, fan_in, batch, in_features)
             return grad_weight.to(xT.dtype)
         grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
@@ -379,22 +389,27 @@ class CudaOps(Ops):
 class CudaV6Ops(CudaOps):
     """Backend "cuda-v6" (issue 14): one backward kernel for grad-x and grad-w, the next chunk
     staged while the current one is read, and 8-byte reads in every dtype (16 bit: 4 samples a
-    lane, also in the tiled forward). Property-tested on the CPU, not yet measured on a GPU: once
-    it has been, the faster of "cuda" and "cuda-v6" stays and the other goes."""
-    samples = staticmethod(wide_samples)
-    gather_buffers, gather_thread_bytes, gather_walks_tiles = 2, SLOT_BYTES + 4, True
+    lane, also in the tiled forward). Where its larger shared-memory needs do not fit (a wide D
+    on a GPU with less shared memory), v5's kernels run. Property-tested on the CPU, not yet
+    measured on a GPU: once it has been, the faster of "cuda" and "cuda-v6" stays."""
+
+    @staticmethod
+    def samples(dtype):
+        return (wide_samples(dtype), 2)
 
     @classmethod
     def backward(cls, grad_yT, xT, weight, indices, transposed, need_x, need_weight):
         (labels, fan_in), (in_features, batch) = weight.shape, xT.shape
         connectivity = transposed() if need_x else None
-        gather = connectivity and in_features * batch and weight.numel() and cls.gather_launch(grad_yT, labels, in_features)
+        layout = GatherLayout(wide_samples(xT.dtype), buffers=2, thread_bytes=SLOT_BYTES + 4, walks_tiles=True)
+        gather = (connectivity and in_features * batch and weight.numel()
+                  and cls.gather_launch(grad_yT, labels, in_features, layout))
         if not gather:
             return super().backward(grad_yT, xT, weight, indices, lambda: connectivity, need_x, need_weight)
         blocks, threads, shared, per_warp, groups = gather
         partial_x = torch.empty(groups, in_features, batch, dtype=torch.float32, device=xT.device)
         grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device) if need_weight else None
-        cls.launch("fixed_fanin_backward_gather", xT.dtype, cls.samples(xT.dtype), blocks, threads, shared,
+        cls.launch("fixed_fanin_backward_gather", xT.dtype, layout.samples, blocks, threads, shared,
                    grad_yT, xT, weight, indices, connectivity.order, connectivity.starts, partial_x, grad_weight,
                    labels, fan_in, batch, in_features, per_warp, groups)
         return partial_x.sum(0).to(xT.dtype), None if grad_weight is None else grad_weight.to(xT.dtype)

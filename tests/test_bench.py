@@ -25,3 +25,12 @@ def test_a_wrong_layer_cannot_post_a_time(broken, monkeypatch):
     x, rows, labels = step_inputs()
     with pytest.raises(AssertionError):
         bench.check_step(bench.make_layer("torch", 40, 24, 5, torch.float32, torch.device("cpu")), x, rows, labels)
+
+
+def test_a_failing_sparse_layer_is_one_line_and_dense_failures_stop_the_run(capsys):
+    with bench.report_failure("cuda-v6"):
+        raise AssertionError("grad x: Tensor-likes are not close!\nMismatched elements: 3 / 96")
+    assert capsys.readouterr().out == "| sparse/cuda-v6 | FAILED: AssertionError: grad x: Tensor-likes are not close! |\n"
+    with pytest.raises(RuntimeError):
+        with bench.report_failure("dense"):
+            raise RuntimeError("the baseline must not fail quietly")

@@ -111,6 +111,7 @@ def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2, room=None
 TWO_FEATURES_A_WARP = 64 * sparse_layer.SLOT_BYTES + SMALL_CHUNK * 64 * 4 + 2 * 2 * 64 * 4
 V6_TWO_FEATURES_A_WARP = 64 * (sparse_layer.SLOT_BYTES + 4) + 2 * SMALL_CHUNK * 256 + 2 * 2 * 64 * 4
 V6 = sparse_layer.CudaV6Ops
+V5_ONLY_ROOM = 100_000  # chunks of 256 labels: v5's gather needs 66 KB in fp32, v6's two buffers 129 KB
 KERNEL_SETS = {"simple": dict(tiled=False), "simple, 1 block": dict(tiled=False, max_blocks=1),
                "simple, 2 blocks": dict(tiled=False, max_blocks=2),
                "tiled": dict(tiled=True), "tiled, 1 block": dict(tiled=True, multiprocessors=1),
@@ -121,7 +122,8 @@ KERNEL_SETS = {"simple": dict(tiled=False), "simple, 1 block": dict(tiled=False,
                "v6": dict(tiled=True, ops=V6), "v6, 1 block": dict(tiled=True, multiprocessors=1, ops=V6),
                "v6, small chunks": dict(tiled=True, multiprocessors=3, small=True, ops=V6),
                "v6, small chunks, feature parts": dict(tiled=True, multiprocessors=7, small=True, ops=V6,
-                                                       room=V6_TWO_FEATURES_A_WARP)}
+                                                       room=V6_TWO_FEATURES_A_WARP),
+               "v6, room for v5's gather only": dict(tiled=True, ops=V6, room=V5_ONLY_ROOM)}
 
 
 def kernel_set(name, shim, small_chunk_shim):
@@ -197,6 +199,38 @@ def test_a_broken_kernel_is_caught(tmp_path, options, mutation):
         patch.setattr(sparse_layer, "_resolve_backend", lambda backend, x: broken)
         with pytest.raises(AssertionError):
             check_against_reference(problem, "cuda", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("room, in_features, expected", [
+    (None, 30, {"fixed_fanin_forward_tiled": "wide", "fixed_fanin_backward_gather": "wide"}),
+    (V5_ONLY_ROOM, 30, {"fixed_fanin_forward_tiled": "wide", "fixed_fanin_grad_input_gather": 0,
+                        "fixed_fanin_grad_weight_tiled": "wide"}),
+    ("two-sample tile", 300, {"fixed_fanin_forward_tiled": 2, "fixed_fanin_grad_input_gather": 0,
+                              "fixed_fanin_grad_weight_tiled": 2}),
+])
+def test_v6_launches_what_fits(shim, dtype, room, in_features, expected):
+    """v6 takes its own kernels where they fit, v5's gather or 2-sample tiles where only those fit
+    (room for a tile of 300 features with S = 2: not for v6's gather, nor for a 16-bit tile with
+    S = 4), and is right."""
+    if room == "two-sample tile":
+        room = 64 * sparse_layer.SLOT_BYTES + in_features * 64 * dtype.itemsize
+    ops, launched = shim_ops(shim, tiled=True, ops=V6, room=room), {}
+    run = ops.launch
+
+    def record(name, dtype_, samples, *rest):
+        launched[name] = samples
+        run(name, dtype_, samples, *rest)
+    ops.launch = staticmethod(record)
+    generator = torch.Generator().manual_seed(3)
+    problem = {"x": torch.randn(9, in_features, generator=generator), "weight": torch.randn(20, 4, generator=generator),
+               "indices": sparse_layer.random_distinct_indices(20, in_features, 4, generator), "bias": None,
+               "grad_y": torch.randn(9, 20, generator=generator)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_layer, "_resolve_backend", lambda backend, x: ops)
+        check_against_reference(problem, "cuda", dtype)
+    wide = sparse_layer.wide_samples(dtype)
+    assert launched == {name: wide if samples == "wide" else samples for name, samples in expected.items()}
 
 
 def convert(shim, function, values, out_dtype):
