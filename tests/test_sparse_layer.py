@@ -194,7 +194,8 @@ def test_cuda_backend_is_chosen_automatically():
 
 
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and cupy")
-def test_cuda_kernels_address_more_than_2_31_outputs():
+@pytest.mark.parametrize("backend", ["cuda", "cuda-v6"])
+def test_cuda_kernels_address_more_than_2_31_outputs(backend):
     """B * L > 2^31 (as at Amazon-3M): flat offsets past 2^31 must not wrap. About 15 GB."""
     batch, in_features, fan_in, tail = 1024, 16, 2, 4096
     labels = 2**31 // batch + tail
@@ -202,7 +203,7 @@ def test_cuda_kernels_address_more_than_2_31_outputs():
     x = torch.randn(batch, in_features, device="cuda", generator=generator).bfloat16().requires_grad_()
     weight = torch.randn(labels, fan_in, device="cuda", generator=generator).bfloat16().requires_grad_()
     indices = torch.randint(0, in_features, (labels, fan_in), device="cuda", generator=generator, dtype=torch.int32)
-    y = fixed_fanin_linear(x, weight, indices, backend="cuda")
+    y = fixed_fanin_linear(x, weight, indices, backend=backend)
     grad_y = torch.zeros_like(y)
     grad_y[:, -tail:] = 1  # only the labels whose outputs lie past offset 2^31 send gradient
     y.backward(grad_y)
