@@ -167,7 +167,9 @@ struct Slot { int index; float weight; };
 // S consecutive samples of one row, read in one load: lane t reading samples S*t .. S*t + S - 1
 // of a tile row covers the row in one conflict-free sweep of the banks. v5 read S = 2 in every
 // dtype (8 bytes in fp32, 4 in 16 bit); v6 reads 8 bytes in every dtype (S = 4 in 16 bit), so a
-// 16-bit pass needs half the shared-memory reads per product.
+// 16-bit pass issues half the shared-memory loads per product. (Shared memory serves 128 bytes a
+// cycle: per slot a warp's 128 samples then take 2 cycles plus 1 for the slot's broadcast read,
+// against 2 x (1 + 1) for two 64-sample tiles: a quarter fewer cycles, not half.)
 template <typename T, int S> struct alignas(S * sizeof(T)) Samples { T v[S]; };
 
 #ifndef CUDA_SHIM  // tests/cuda_shim.h provides its own
