@@ -525,6 +525,8 @@ __device__ inline Samples<T, S> load_samples(const T* xT, int d, int end, int ba
 
 constexpr int BACKWARD_BATCH = 4;  // slots read together (8 spilled registers to local memory)
 
+// partial_x[group, d, b] = the group's chunks' share of grad_xT[d, b], as in the v5 gather, and
+// grad_weight[l, j] = sum_b grad_yT[l, b] * xT[indices[l, j], b] (float; null: not wanted).
 template <typename T, int S>
 __global__ void __launch_bounds__(1024, 1)
 fixed_fanin_backward_gather(const T* grad_yT, const T* xT, const T* weight, const int* indices,
@@ -569,7 +571,7 @@ fixed_fanin_backward_gather(const T* grad_yT, const T* xT, const T* weight, cons
     stage_chunk<T, S>(buffers + (i + 1) % 2 * GATHER_CHUNK * TB, grad_yT, ahead, num_chunks, num_labels,
                       batch, (i + 1) / my_chunks * TB);
     const int next_begin = run_bound(i + 1, first_feature), next_end = run_bound(i + 1, last_feature);
-    float x[S];  // x of the warp's current feature, and of the one after it (as stored)
+    float x[S];  // x of the warp's current feature (x_next: of the one after it, as stored)
     const Samples<T, S> x_first = load_samples<T, S>(xT, first_feature, last_feature, batch, b);
 #pragma unroll
     for (int k = 0; k < S; ++k) x[k] = to_float(x_first.v[k]);
