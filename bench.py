@@ -153,9 +153,8 @@ def report_failure(kind):
             raise
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         print(f"| sparse/{kind} | FAILED: {type(error).__name__}: {first_line} |", flush=True)
-    finally:
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # what the failed layer held goes back before the next one
 
 
 def layer_bytes(layer):

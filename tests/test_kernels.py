@@ -93,9 +93,12 @@ def shim_ops(library, tiled=False, max_blocks=None, multiprocessors=2, room=None
         if max_blocks is not None:
             blocks = min(blocks, max_blocks)
         function = getattr(library, f"{name}_{SHIM_DTYPES[dtype]}" + (f"_{samples}" if samples else ""))
-        arguments = [ctypes.c_void_p(a.data_ptr() if isinstance(a, torch.Tensor) else None)
-                     if a is None or isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-        function(ctypes.c_uint(blocks), ctypes.c_uint(threads), ctypes.c_uint(shared_bytes), *arguments)
+        function(ctypes.c_uint(blocks), ctypes.c_uint(threads), ctypes.c_uint(shared_bytes), *map(argument, args))
+
+    def argument(value):  # tensors as their address, None as the null pointer, ints as ints
+        if value is None or isinstance(value, torch.Tensor):
+            return ctypes.c_void_p(None if value is None else value.data_ptr())
+        return ctypes.c_int(value)
 
     room = room or (1 << 20 if tiled else 0)
     return type("ShimOps", (ops,), {
@@ -134,7 +137,7 @@ def kernel_set(name, shim, small_chunk_shim):
 @pytest.mark.parametrize("dtype", list(SHIM_DTYPES))
 @settings(max_examples=40, deadline=None)
 @given(problem=problems(max_size=40), kernels=st.sampled_from(list(KERNEL_SETS)),
-       needs=st.sampled_from([("x", "weight"), ("x", "weight"), ("x",), ("weight",)]))
+       needs=st.sampled_from([("x", "weight"), ("x", "weight"), ("x",), ("weight",)]))  # both: half the time
 def test_shim_kernels_match_dense_reference(shim, small_chunk_shim, dtype, problem, kernels, needs):
     ops = kernel_set(kernels, shim, small_chunk_shim)
     with pytest.MonkeyPatch.context() as patch:
