@@ -162,7 +162,11 @@ def read_lines(path):
     stream is a DataError that names the file and the line it stopped at."""
     opener = gzip.open if Path(path).suffix == ".gz" else open
     number = 0
-    with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="\n") as f:  # -sig: drop a BOM
+    try:
+        f = opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="\n")  # -sig: drop a BOM
+    except OSError as error:  # a folder, an unreadable file: named, in one line
+        raise DataError(f"{path}: cannot be opened ({error.strerror or error})") from None
+    with f:
         try:
             for number, line in enumerate(f, start=1):
                 yield number, line.rstrip("\n").removesuffix("\r")
@@ -234,6 +238,8 @@ def read_bow(path):
 def load_bow(name, files):
     train, num_features, num_labels = read_bow(files["train"])
     test, test_features, test_labels = read_bow(files["test"])
+    require_documents(train.label_offsets, files["train"], "training")
+    require_documents(test.label_offsets, files["test"], "test")
     if (test_features, test_labels) != (num_features, num_labels):
         raise DataError(f"{files['test']}:1: header has {test_features} features and {test_labels} labels, "
                         f"{files['train'].name} has {num_features} and {num_labels}")
@@ -254,6 +260,8 @@ def load_raw_text(name, files):
     """Label ids: the label names of both splits, sorted (the release's convention)."""
     index = {}
     labels = {s: read_label_names(files[f"{s}_labels"], index) for s in ("train", "test")}
+    for split, role in (("train", "training"), ("test", "test")):
+        require_documents(labels[split][0], files[f"{split}_labels"], role)
     names = sorted(index)
     renumber = np.empty(len(index), dtype=np.int32)
     renumber[[index[n] for n in names]] = np.arange(len(names), dtype=np.int32)
@@ -262,6 +270,13 @@ def load_raw_text(name, files):
               for s, (offsets, ids) in labels.items()}
     report_test_only_labels(name, splits["train"], len(names))
     return XMCData(name, splits["train"], splits["test"], len(names), names)
+
+
+def require_documents(offsets, path, role):
+    """An empty split is refused when it is read, before any model is built: nothing trains on no
+    documents, and every run ends by scoring its test split."""
+    if len(offsets) < 2:
+        raise DataError(f"{path}: no documents; the {role} split needs at least one")
 
 
 def report_test_only_labels(name, train, num_labels):
@@ -303,12 +318,16 @@ def read_filter(path, num_docs, num_labels):
 
 def load_lf(name, files, augment_labels=False):
     """LF json. Text: `title` for data sets named "...Titles...", else `content` (the release's
-    rule). augment_labels: every label's title is one more training document with that label alone."""
+    rule; `name` is the data set's folder, never its raw_text/). augment_labels: every label's title
+    is one more training document with that label alone."""
     key = "title" if "titles" in name.lower() else "content"
+    print(f"{name}: the documents' text is the {key!r} field of {files['train'].name} and {files['test'].name}")
     label_names = [str(json_record(line, files["labels"], number, "title").get("uid", number - 1))
                    for number, line in read_lines(files["labels"])]
     (train_offsets, train_raw), (test_offsets, test_raw) = (read_targets(files[s], len(label_names))
                                                             for s in ("train", "test"))
+    require_documents(train_offsets, files["train"], "training")
+    require_documents(test_offsets, files["test"], "test")
     train_texts = [(files["train"], key)]
     if augment_labels:
         train_offsets = np.concatenate([train_offsets, train_offsets[-1] + np.arange(1, len(label_names) + 1)])
@@ -344,11 +363,15 @@ FOLDERS = {"delicious": "delicious", "wiki10-31k": "Wiki10-31K", "amazon670k": "
 
 
 def find(folder, names):
-    """The first of the names (each also gzipped) present in folder, else None."""
+    """The first of the names (each also gzipped) present in folder, else None. A file beside its
+    gzipped copy is refused: which one holds the data set is the user's call, not ours."""
     for name in names.split("|"):
-        for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
+        present = [c for c in (folder / name, folder / f"{name}.gz") if c.is_file()]
+        if len(present) == 2:
+            raise DataError(f"{folder}: both {name} and {name}.gz exist; remove or rename one, so that it is clear "
+                            f"which is read")
+        if present:
+            return present[0]
     return None
 
 
@@ -394,6 +417,12 @@ def locate(data, data_dir="data"):
     return str((Path(data_dir) / FOLDERS[data] if data in FOLDERS else Path(data)).resolve())
 
 
+def name_of(folder):
+    """A data set's name: its folder's, or for a raw_text/ (where LF files also live) its parent's."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name == "raw_text" else folder.name
+
+
 def fingerprint(*parts):
     """A short hash of files (name, size, modification time) and options: the key of a cache, so
     that a changed file or option builds a new one."""
@@ -417,7 +446,7 @@ def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5)):
         raise DataError(f"--augment-labels needs label texts, which only LF data sets have (lbl.json); {folder} "
                         f"holds '{layout}' files")
     reader = {"bow": load_bow, "raw": load_raw_text, "lf": functools.partial(load_lf, augment_labels=augment_labels)}
-    xmc = reader[layout](folder.resolve().name, files)
+    xmc = reader[layout](name_of(folder), files)
     xmc.folder = files["test"].parent if layout == "lf" else folder
     xmc.fingerprint = fingerprint(layout, augment_labels, *sorted(files.values()))
     xmc.propensity = tuple(propensity)

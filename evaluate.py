@@ -207,7 +207,7 @@ def main():
         else:
             network, xmc, test_batches = load_for_evaluation(args.checkpoint, args.batch_size, args.device)
             print(table(("test", evaluate(network, xmc, test_batches, args.device))))
-    except (ValueError, FileNotFoundError) as error:  # data.DataError is a ValueError
+    except (ValueError, OSError) as error:  # data.DataError is a ValueError; an OSError names its path
         sys.exit(f"error: {error}")
 
 

@@ -31,7 +31,7 @@ PRESETS = {
                        warmup_steps=1000, **AMAZON),
     "amazon3m": dict(BERT, pooling="cls", dropout=0.35, batch_size=128, grad_accum=2, epochs=51, rewire_fraction=0.25,
                      rewire_interval=1500, aux_weight=0.0, lr_encoder=5e-5, lr_classifier=0.05, warmup_steps=10000,
-                     **AMAZON),
+                     lr_schedule_length="batches", **AMAZON),
     "lf-amazontitles-131k": dict(RELEASE, encoder="sentence-transformers/msmarco-distilbert-base-v4", format="lf",
                                  augment_labels=True, pooling="mean", max_length=32, dropout=0.7, batch_size=512,
                                  epochs=100, rewire_fraction=0.15, rewire_interval=1000, aux_weight=0.4, aux_epochs=12,

@@ -90,12 +90,14 @@ class Config:
     encoder_optimizer: str = "adamw"  # adamw or adam: the encoder, the meta head, the intermediate layer
     lr_encoder: float = 1e-3
     weight_decay_encoder: float = 0.01  # not on biases and LayerNorm weights
+    no_decay: str = "modules"  # those found by module type (modules), or by the release's name match (names)
     lr_meta: float = 1e-2
     lr_intermediate: float = 1e-2
     classifier_optimizer: str = "adamw"  # adamw, or sgd (momentum 0.9)
     lr_classifier: float = 1e-2
     weight_decay_classifier: float = 1e-4
     warmup_steps: int = 100  # optimizer steps of linear warm-up, then a half cosine to 0
+    lr_schedule_length: str = "steps"  # the cosine ends at the run's optimizer steps, or at its batches (batches)
     clip_grad: float = 0.0  # max gradient norm (0: off)
     # auxiliary loss
     aux_weight: float = 0.0  # initial s; 0 switches the meta-classifier off
@@ -126,7 +128,8 @@ class Config:
                    "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": sparse_layer.BACKENDS,
                    "intermediate_activation": tuple(model.ACTIVATIONS), "encoder_optimizer": ("adamw", "adam"),
                    "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
-                   "rewire_fraction_schedule": ("constant", "cosine")}
+                   "rewire_fraction_schedule": ("constant", "cosine"), "no_decay": ("modules", "names"),
+                   "lr_schedule_length": ("steps", "batches")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -162,7 +165,7 @@ def parse_config(argv=None):
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     name = given.get("data", Config.data)
     config = Config(**{**(presets.PRESETS[name] if name in presets.PRESETS else folder_defaults(name, given)), **given})
-    return dataclasses.replace(config, out=config.out or f"runs/{Path(config.data).name}")
+    return dataclasses.replace(config, out=config.out or f"runs/{data.name_of(config.data)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +176,16 @@ def aux_weight(config, epoch_progress):
     if epoch_progress >= config.aux_epochs:
         return 0.0
     return config.aux_weight * 0.5 * (1 + math.cos(math.pi * epoch_progress / config.aux_epochs))
+
+
+def schedule_length(config, batches_per_epoch):
+    """The optimizer steps the learning rate's cosine spans: those the run takes, or (lr_schedule_length
+    "batches", the release's way) its batches. With grad_accum > 1 the release steps its schedule once
+    per optimizer step but sizes it in batches, so its run ends part-way down the cosine (Amazon-3M:
+    at 0.512 of the peak)."""
+    if config.lr_schedule_length == "batches":
+        return batches_per_epoch * config.epochs
+    return math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
 
 
 def warmup_then_cosine(step, warmup, total):
@@ -213,9 +226,12 @@ def make_optimizers(config, network):
     """The release's two optimizers. The encoder's: the encoder's weights with weight decay, its
     biases and LayerNorm weights without, the meta head and the intermediate layer with learning
     rates of their own (and the optimizer's default weight decay). The classifier's: AdamW, or SGD
-    with momentum 0.9."""
+    with momentum 0.9. no_decay "names" finds biases and LayerNorm weights as the release does, by
+    name, which misses DistilBERT's `sa_layer_norm` and `output_layer_norm` and so decays them."""
     norms = {id(p) for m in network.encoder.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
-    exempt = {id(p) for n, p in network.encoder.named_parameters() if n.endswith("bias") or id(p) in norms}
+    exempt = {id(p) for n, p in network.encoder.named_parameters()
+              if (n.endswith("bias") or id(p) in norms if config.no_decay == "modules"
+                  else "bias" in n or "LayerNorm.weight" in n)}
     encoder = list(network.encoder.parameters())
     groups = [{"params": [p for p in encoder if id(p) not in exempt], "weight_decay": config.weight_decay_encoder},
               {"params": [p for p in encoder if id(p) in exempt], "weight_decay": 0.0}]
@@ -250,9 +266,9 @@ def build(config, source, xmc, clusters, device, rank=0, world=1):
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     batches_per_epoch = math.ceil(len(xmc.train) // world / (config.batch_size // world))
-    total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
     optimizers = make_optimizers(config, network)
-    schedule = functools.partial(warmup_then_cosine, warmup=config.warmup_steps, total=total_steps)
+    schedule = functools.partial(warmup_then_cosine, warmup=config.warmup_steps,
+                                 total=schedule_length(config, batches_per_epoch))
     bow_inputs = config.encoder == "bow" and xmc.vocabulary is not None  # a bag-of-words model of raw text
     inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow_inputs else None,
                   idf=torch.from_numpy(xmc.idf) if bow_inputs else None)
@@ -657,7 +673,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
 def main():
     try:
         run(parse_config())
-    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as error:  # DataError too
+    except (ValueError, OSError, FloatingPointError) as error:  # DataError too; OSError names its path
         sys.exit(f"error: {error}")
 
 

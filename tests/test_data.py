@@ -396,3 +396,68 @@ def test_ranks_share_each_global_batch_as_one_process_would_see_it():
     order = np.random.default_rng([1, 4]).permutation(103)  # the last batch: 7 documents, of which
     kept = data.make_batch(xmc.train, order[96:102])  # the first 6 are kept (even: 102 = 3 * 34)
     assert documents(kept) == sorted(sum((documents(share[-1]) for share in shares), []))
+
+
+def empty_split(folder, layout, split):
+    """Empties `split` of a tiny data set in `layout`, as a user's broken export would: a bag-of-words
+    file with the header `0 F L`, or 0-byte text, label or JSON files."""
+    if layout == "bow":
+        write(folder / f"{split}.txt", "0 20 8\n")
+    elif layout == "raw":
+        write(folder / f"{split}_raw_texts.txt", ""), write(folder / f"{split}_labels.txt", "")
+    else:
+        write(folder / ("trn.json" if split == "train" else "tst.json"), "")
+    return folder / {"bow": f"{split}.txt", "raw": f"{split}_labels.txt",
+                     "lf": "trn.json" if split == "train" else "tst.json"}[layout]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("layout", ["bow", "raw", "lf"])
+def test_an_empty_split_of_any_layout_is_refused_when_read_naming_its_file(tmp_path, layout, split):
+    folder = write_data_set(tmp_path / "Set", layout, SPLITS)
+    path = empty_split(folder, layout, split)
+    role = "training" if split == "train" else "test"
+    with pytest.raises(data.DataError, match=f"^{path}: no documents; the {role} split needs at least one$"):
+        data.load(folder)
+
+
+def test_a_file_beside_its_gzipped_copy_is_refused(tmp_path):
+    folder = write_data_set(tmp_path / "Set", "bow", SPLITS)
+    write_data_set(tmp_path / "Set", "bow", SPLITS, gz=True)
+    with pytest.raises(data.DataError, match=f"{folder}: both train.txt and train.txt.gz exist"):
+        data.load(folder)
+    (folder / "train.txt").unlink()
+    (folder / "test.txt.gz").unlink()
+    assert len(data.load(folder).train) == 40  # one copy of each: read, gzipped or not
+
+
+def test_lf_text_key_follows_the_data_set_folder_also_when_given_its_raw_text(tmp_path, capsys):
+    """The "titles" rule reads the data set's name: LF-...Titles.../raw_text is still a titles set."""
+    write_data_set(tmp_path / "LF-ShopTitles-1K", "lf-under-raw_text", SPLITS)
+    for folder in (tmp_path / "LF-ShopTitles-1K", tmp_path / "LF-ShopTitles-1K" / "raw_text"):
+        xmc = data.load(folder)
+        assert xmc.name == "LF-ShopTitles-1K" and xmc.train.texts.parts[0][1] == "title"
+        assert "the documents' text is the 'title' field of trn.json" in capsys.readouterr().out
+
+
+def refuse_to_open(monkeypatch, refused, error=PermissionError):
+    """open() of the path `refused` fails as it would for a file the user may not read (as root,
+    chmod stops no read, so the failure is made here)."""
+    real_open = open
+
+    def guarded(file, *arguments, **keywords):
+        if str(file) == str(refused):
+            raise error(13, "Permission denied", str(file))
+        return real_open(file, *arguments, **keywords)
+    monkeypatch.setattr("builtins.open", guarded)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_folder_or_an_unreadable_file_is_a_one_line_error_naming_it(tmp_path, monkeypatch, gz):
+    with pytest.raises(data.DataError, match=f"^{tmp_path}: cannot be opened \\(Is a directory\\)$"):
+        list(data.read_lines(tmp_path))
+    folder = write_data_set(tmp_path / "Set", "raw", SPLITS, gz)
+    labels = folder / ("train_labels.txt" + (".gz" if gz else ""))
+    refuse_to_open(monkeypatch, labels)
+    with pytest.raises(data.DataError, match=f"^{labels}: cannot be opened \\(Permission denied\\)$"):
+        data.load(folder)

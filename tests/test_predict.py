@@ -120,3 +120,23 @@ def test_predict_command_reads_standard_input_and_refuses_bad_lines_in_one_line(
         finished = run_evaluate("--checkpoint", str(datasets / name), "--predict", "-", stdin="0:1\n")
         assert finished.returncode == 1 and finished.stderr.startswith(f"error: {datasets / name} is not a")
         assert len(finished.stderr.strip().splitlines()) == 1
+
+
+def test_predict_from_a_folder_or_an_unreadable_file_is_a_one_line_error(datasets, monkeypatch):
+    checkpoint, _ = trained(datasets, "tiny-bow")
+    finished = run_evaluate("--checkpoint", str(checkpoint), "--predict", str(datasets))
+    assert finished.returncode == 1, finished.stderr
+    assert finished.stderr.strip() == f"error: {datasets}: cannot be opened (Is a directory)"
+    documents = datasets / "documents.txt"
+    documents.write_text("0:1\n")
+    real_open = open
+
+    def refuse(file, *arguments, **keywords):  # as root, chmod stops no read: fail the open instead
+        if str(file) == str(documents):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *arguments, **keywords)
+    monkeypatch.setattr("builtins.open", refuse)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--checkpoint", str(checkpoint), "--predict", str(documents)])
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main()
+    assert str(stop.value.code) == f"error: {documents}: cannot be opened (Permission denied)"

@@ -130,6 +130,7 @@ RELEASE_TABLE = {
     "weight_decay_encoder": [0.01] * 5 + [1e-3],
     "weight_decay_classifier": [1e-4] * 6,
     "warmup_steps": [1000, 1000, 1000, 10000, 5000, 5000],
+    "lr_schedule_length": ["steps"] * 3 + ["batches"] + ["steps"] * 2,  # the cosine sized in batches: same with grad_accum 1
     "precision": ["fp16"] * 6,
     "seed": [42] * 6,
     # the release's rewiring semantics, evaluation every epoch, early stopping on P@3 after 25
@@ -553,3 +554,79 @@ def test_wandb_without_the_package_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"^--wandb needs the wandb package: pip install wandb"):
         train.parse_config(["--wandb"])
+
+
+def run_main(monkeypatch, argv):
+    """train.py as a user runs it: the one line it exits with (SystemExit's message)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    return str(stop.value.code)
+
+
+def test_an_empty_split_or_an_unreadable_file_stops_train_py_in_one_line_before_any_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "build", lambda *a, **k: pytest.fail("a model was built"))
+    folder = write_data_set(tmp_path / "Set", "lf", SPLITS)
+    (folder / "trn.json").write_text("")
+    out = ["--out", str(tmp_path / "run")]
+    assert run_main(monkeypatch, ["--data", str(folder), *out]) == \
+        f"error: {folder / 'trn.json'}: no documents; the training split needs at least one"
+    bow = write_data_set(tmp_path / "Bow", "bow", SPLITS)
+    (bow / "test.txt").write_text("0 20 8\n")
+    assert run_main(monkeypatch, ["--data", str(bow), *out]) == \
+        f"error: {bow / 'test.txt'}: no documents; the test split needs at least one"
+    (bow / "test.txt").write_text((folder / "tst.json").read_text())  # any content: it is never opened
+    assert run_main(monkeypatch, ["--data", str(bow / "train.txt"), *out]).startswith(
+        f"error: no data set at {bow / 'train.txt'}: expected a folder with")  # a file where a folder belongs
+    real_open = open
+    refuse = lambda file, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(file))) \
+        if str(file) == str(bow / "test.txt") else real_open(file, *a, **k)
+    monkeypatch.setattr("builtins.open", refuse)
+    assert run_main(monkeypatch, ["--data", str(bow), *out]) == \
+        f"error: {bow / 'test.txt'}: cannot be opened (Permission denied)"
+
+
+def test_the_amazon3m_schedule_is_the_releases_sized_in_batches_stepped_per_optimizer_step():
+    """The release sizes the cosine in batches (len(train_loader) * epochs) and steps it once per
+    optimizer step (every grad_accum batches). Independently, for Amazon-3M's 1,717,899 training
+    documents, batch 128, grad_accum 2, 51 epochs, warm-up 10,000: 13,422 batches an epoch, 684,522
+    in the schedule, 342,261 optimizer steps; the factor after the last step is 0.512, its mean over
+    the run's steps 0.813. The other choice spans the optimizer steps: it ends at 0, mean about 0.5."""
+    config = train.parse_config(["--data", "amazon3m"])
+    batches = -(-1_717_899 // 128)
+    steps, length = -(-batches // 2) * 51, batches * 51
+    assert (batches, steps, length) == (13_422, 342_261, 684_522)
+    assert train.schedule_length(config, batches) == length
+    expected = lambda step: np.where(step < 10_000, step / 10_000,
+                                     0.5 * (1 + np.cos(np.pi * (step - 10_000) / (length - 10_000))))
+    factors = np.array([train.warmup_then_cosine(step, 10_000, train.schedule_length(config, batches))
+                        for step in range(steps + 1)])
+    assert np.allclose(factors, expected(np.arange(steps + 1)), atol=1e-12)
+    assert factors.max() == 1.0 == factors[10_000]
+    assert factors[-1] == pytest.approx(0.512, abs=5e-4) and factors[:-1].mean() == pytest.approx(0.813, abs=1e-3)
+    ours = dataclasses.replace(config, lr_schedule_length="steps")
+    assert train.schedule_length(ours, batches) == steps
+    ours_factors = [train.warmup_then_cosine(step, 10_000, steps) for step in range(steps)]
+    assert ours_factors[-1] < 1e-9 and np.mean(ours_factors) == pytest.approx(0.5, abs=0.01)
+    for name in set(PAPER) - {"amazon3m"}:  # grad_accum 1: both lengths are the same
+        assert train.parse_config(["--data", name]).lr_schedule_length == "steps"
+
+
+def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilberts_norms(tmp_path, monkeypatch):
+    import transformers
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "distilbert"
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "word"]
+    transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)}).save_pretrained(folder)
+    transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=len(vocabulary), dim=16, n_layers=2,
+                                                               n_heads=2, hidden_dim=32)).save_pretrained(folder)
+    network = model.build(str(folder), 0, 20, fan_in=4)
+    names = {id(p): n for n, p in network.named_parameters()}
+    layer_norms = [n for n in names.values() if "layer_norm.weight" in n]
+    assert len(layer_norms) == 4  # sa_layer_norm and output_layer_norm in each of 2 layers
+    for no_decay, decayed_norms in (("modules", []), ("names", layer_norms)):
+        encoder, _ = train.make_optimizers(train.Config(no_decay=no_decay), network)
+        decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
+        assert sorted(n for n in decayed if "norm" in n.lower()) == sorted(decayed_norms), no_decay
+        assert "encoder.transformer.embeddings.LayerNorm.weight" in exempt
+        assert all(n.endswith("bias") for n in exempt if "norm" not in n.lower())
