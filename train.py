@@ -81,7 +81,7 @@ class Config:
     intermediate_activation: str = "none"  # none (linear, as the release), gelu or relu
     sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
     fan_in: int = 32
-    backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple, cuda-v6
+    backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple
     # optimisation: two optimizers, as the release
     loss: str = "squared_hinge"  # squared_hinge, bce (summed over batch and labels, as the release) or bce_mean
     epochs: int = 10

@@ -5,13 +5,11 @@
 // std::thread, so __syncthreads() is a std::barrier over the block, __syncwarp() one over the
 // thread's warp of 32, and atomicAdd is a real atomic. __shfl_xor_sync goes through a per-block
 // exchange array between two warp barriers. Dynamic shared memory is one buffer per block, filled
-// with NaN bytes so that reading what no thread wrote shows up in the results. An asynchronous
-// copy (cp.async) lands only when its thread waits for it, so a read before the wait sees NaN.
+// with NaN bytes so that reading what no thread wrote shows up in the results.
 #pragma once
 #include <atomic>
 #include <barrier>
 #include <cstring>
-#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -64,32 +62,6 @@ inline float __uint_as_float(unsigned int u) {
   float v;
   std::memcpy(&v, &u, sizeof v);
   return v;
-}
-
-// cp.async: each thread's copies wait in groups until copy_async_wait lets them land.
-struct PendingCopy {
-  void* destination;
-  const void* source;
-  int source_bytes;
-};
-inline thread_local std::vector<PendingCopy> open_copies;
-inline thread_local std::deque<std::vector<PendingCopy>> committed_copies;
-
-inline void copy_async_8(void* destination, const void* source, int source_bytes) {
-  open_copies.push_back({destination, source, source_bytes});
-}
-
-inline void copy_async_commit() {
-  committed_copies.push_back(std::move(open_copies));
-  open_copies.clear();
-}
-
-template <int pending> void copy_async_wait() {
-  for (; committed_copies.size() > (size_t)pending; committed_copies.pop_front())
-    for (const PendingCopy& copy : committed_copies.front()) {
-      std::memcpy(copy.destination, copy.source, copy.source_bytes);
-      std::memset((char*)copy.destination + copy.source_bytes, 0, 8 - copy.source_bytes);
-    }
 }
 
 // kernel<<<grid, block, shared_bytes>>>(args...) for 1-D grids and blocks (block a multiple of 32

@@ -3,31 +3,26 @@
 #include "cuda_shim.h"
 #include "../kernels.cu"
 
-// Names: kernel_dtype for the simple kernels and v5's gather, kernel_dtype_S for the templates
-// with S samples per lane. Forward kernels take (xT, weight, indices, bias, yT), gradient kernels
-// (grad_yT, weight or xT, indices, out); the tiled ones also take D.
+// Forward kernels take (xT, weight, indices, bias, yT), gradient kernels (grad_yT, weight or xT,
+// indices, out); the tiled ones also take D.
 #define EXPORT_FORWARD(kernel, suffix, T, ...)                                                 \
   extern "C" void kernel##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* xT, \
                                     const T* w, const int* idx, const T* bias, T* yT, int L,    \
                                     int k, int B __VA_OPT__(, int D)) {                         \
-    launch(kernel<T __VA_OPT__(, __VA_ARGS__)>, grid, block, shared, xT, w, idx, bias, yT, L, k,  \
-           B __VA_OPT__(, D));                                                                  \
+    launch(kernel<T>, grid, block, shared, xT, w, idx, bias, yT, L, k, B __VA_OPT__(, D));      \
   }
 #define EXPORT_GRAD(kernel, suffix, T, Out, ...)                                               \
   extern "C" void kernel##_##suffix(unsigned grid, unsigned block, unsigned shared, const T* g, \
                                     const T* a, const int* idx, Out* out, int L, int k, int B   \
                                     __VA_OPT__(, int D)) {                                      \
-    launch(kernel<T __VA_OPT__(, __VA_ARGS__)>, grid, block, shared, g, a, idx, out, L, k,       \
-           B __VA_OPT__(, D));                                                                  \
+    launch(kernel<T>, grid, block, shared, g, a, idx, out, L, k, B __VA_OPT__(, D));            \
   }
-#define EXPORT_TILED(T, suffix, S)                                                              \
-  EXPORT_FORWARD(fixed_fanin_forward_tiled, suffix##_##S, T, S)                                 \
-  EXPORT_GRAD(fixed_fanin_grad_weight_tiled, suffix##_##S, T, float, S)
 #define EXPORT_KERNELS(T, suffix)                                                               \
   EXPORT_FORWARD(fixed_fanin_forward, suffix, T)                                                \
   EXPORT_GRAD(fixed_fanin_grad_input, suffix, T, float)                                         \
   EXPORT_GRAD(fixed_fanin_grad_weight, suffix, T, T)                                            \
-  EXPORT_TILED(T, suffix, 2)
+  EXPORT_FORWARD(fixed_fanin_forward_tiled, suffix, T, tiled)                                   \
+  EXPORT_GRAD(fixed_fanin_grad_weight_tiled, suffix, T, float, tiled)
 
 #define EXPORT_GATHER(T, suffix)                                                                \
   extern "C" void fixed_fanin_grad_input_gather_##suffix(                                      \
@@ -38,26 +33,12 @@
            partial, L, k, B, D, features_per_warp, groups);                                     \
   }
 
-#define EXPORT_BACKWARD(T, suffix, S)                                                           \
-  extern "C" void fixed_fanin_backward_gather_##suffix##_##S(                                  \
-      unsigned grid, unsigned block, unsigned shared, const T* g, const T* x, const T* w,       \
-      const int* idx, const int* order, const int* starts, float* partial_x, float* grad_w,     \
-      int L, int k, int B, int D, int features_per_warp, int groups) {                          \
-    launch(fixed_fanin_backward_gather<T, S>, grid, block, shared, g, x, w, idx, order, starts, \
-           partial_x, grad_w, L, k, B, D, features_per_warp, groups);                           \
-  }
-
-EXPORT_KERNELS(float, float32)
-EXPORT_KERNELS(half16, float16)
-EXPORT_KERNELS(bfloat16, bfloat16)
-EXPORT_TILED(half16, float16, 4)
-EXPORT_TILED(bfloat16, bfloat16, 4)
 EXPORT_GATHER(float, float32)
 EXPORT_GATHER(half16, float16)
 EXPORT_GATHER(bfloat16, bfloat16)
-EXPORT_BACKWARD(float, float32, 2)
-EXPORT_BACKWARD(half16, float16, 4)
-EXPORT_BACKWARD(bfloat16, bfloat16, 4)
+EXPORT_KERNELS(float, float32)
+EXPORT_KERNELS(half16, float16)
+EXPORT_KERNELS(bfloat16, bfloat16)
 
 // The 16-bit conversions on their own, so tests can check them on every bit pattern.
 extern "C" void half_to_float(const half16* in, float* out, long long n) {

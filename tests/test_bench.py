@@ -1,4 +1,4 @@
-"""bench.py --step checks every layer against its dense float64 equivalent before it times it."""
+"""bench.py checks every layer against its dense float64 equivalent before it times it."""
 import pytest
 import torch
 
@@ -28,9 +28,20 @@ def test_a_wrong_layer_cannot_post_a_time(broken, monkeypatch):
 
 
 def test_a_failing_sparse_layer_is_one_line_and_dense_failures_stop_the_run(capsys):
-    with bench.report_failure("cuda-v6"):
+    with bench.report_failure("cuda"):
         raise AssertionError("grad x: Tensor-likes are not close!\nMismatched elements: 3 / 96")
-    assert capsys.readouterr().out == "| sparse/cuda-v6 | FAILED: AssertionError: grad x: Tensor-likes are not close! |\n"
+    assert capsys.readouterr().out == "| sparse/cuda | FAILED: AssertionError: grad x: Tensor-likes are not close! |\n"
     with pytest.raises(RuntimeError):
         with bench.report_failure("dense"):
             raise RuntimeError("the baseline must not fail quietly")
+
+
+def test_every_timed_layer_row_is_checked_first(monkeypatch):
+    """bench.py's layer rows (not only --step) refuse a wrong layer before timing it."""
+    original = sparse_layer.TorchOps.grad_weight
+    monkeypatch.setattr(sparse_layer.TorchOps, "grad_weight", staticmethod(lambda *args: original(*args) * 1.01))
+    args = type("Args", (), dict(labels=40, features=24, repeats=1, throughput=False))
+    inputs = [torch.randn(6, 24, requires_grad=True)]
+    bench.time_layer(args, "dense", 5, torch.float32, torch.device("cpu"), inputs)
+    with pytest.raises(AssertionError, match="grad weight"):
+        bench.time_layer(args, "torch", 5, torch.float32, torch.device("cpu"), inputs)
