@@ -93,8 +93,11 @@ class XMCModel(nn.Module):
         if intermediate:
             self.intermediate = nn.Sequential(nn.Linear(width, intermediate), ACTIVATIONS[intermediate_activation]())
             width = intermediate
+        if sparse and fan_in > width:  # a label cannot read more distinct inputs than there are
+            raise ValueError(f"--fan-in {fan_in} is larger than the classifier's {width} inputs (the encoder's width, "
+                             f"or --intermediate): choose at most {width}, or --no-sparse for a dense classifier")
         if sparse:
-            self.classifier = FixedFanInLinear(width, num_labels, min(fan_in, width), backend=backend)
+            self.classifier = FixedFanInLinear(width, num_labels, fan_in, backend=backend)
         else:
             self.classifier = nn.Linear(width, num_labels)
         self.meta = nn.Linear(encoder.out_features, num_clusters) if num_clusters else None

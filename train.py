@@ -29,11 +29,9 @@ scored in shares and gathered, and only rank 0 prints and writes.
     python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
     torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # 4 GPUs, same global batch
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -52,120 +50,7 @@ import data
 import dst
 import evaluate
 import model
-import presets
-import sparse_layer
-
-
-@dataclass
-class Config:
-    data: str = "synthetic"  # synthetic, a named data set (its folder under data_dir), or a folder
-    data_dir: str = "data"
-    format: str = "auto"  # the folder's layout: bow, raw or lf (data.py); auto: found from its files
-    augment_labels: bool = False  # LF data sets: each label's title is one more training document
-    propensity_a: float = 0.55  # PSP@k's propensity constants A, B (Jain et al. 2016) of the data set
-    propensity_b: float = 1.5
-    out: str = ""  # run directory; default runs/<the data set's name>
-    resume: bool = False  # continue from the newest readable checkpoint in <out>
-    dry_run: bool = False  # prepare everything up to the first step, report, exit
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda
-    precision: str = "bf16"  # autocast on a GPU: bf16, fp16 (with a gradient scaler) or fp32; the CPU runs fp32
-    compile: bool = False  # torch.compile the encoder
-    # model
-    encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder
-    dim: int = 256  # width of the bag-of-words encoder
-    pooling: str = "cls"  # transformer pooling: cls or mean
-    max_length: int = 128  # transformer tokens per document
-    dropout: float = 0.1  # on the encoder's output
-    intermediate: int = 0  # width of the dense intermediate layer (0: none)
-    intermediate_activation: str = "none"  # none (linear, as the release), gelu or relu
-    sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
-    fan_in: int = 32
-    backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple
-    # optimisation: two optimizers, as the release
-    loss: str = "squared_hinge"  # squared_hinge, bce (summed over batch and labels, as the release) or bce_mean
-    epochs: int = 10
-    batch_size: int = 64  # the global batch: under torchrun, each of N processes takes 1/N of it
-    grad_accum: int = 1  # batches whose gradients add up to one optimizer step
-    encoder_optimizer: str = "adamw"  # adamw or adam: the encoder, the meta head, the intermediate layer
-    lr_encoder: float = 1e-3
-    weight_decay_encoder: float = 0.01  # not on biases and LayerNorm weights
-    no_decay: str = "modules"  # those found by module type (modules), or by the release's name match (names)
-    lr_meta: float = 1e-2
-    lr_intermediate: float = 1e-2
-    classifier_optimizer: str = "adamw"  # adamw, or sgd (momentum 0.9)
-    lr_classifier: float = 1e-2
-    weight_decay_classifier: float = 1e-4
-    warmup_steps: int = 100  # optimizer steps of linear warm-up, then a half cosine to 0
-    lr_schedule_length: str = "steps"  # the cosine ends at the run's optimizer steps, or at its batches (batches)
-    clip_grad: float = 0.0  # max gradient norm (0: off)
-    # auxiliary loss
-    aux_weight: float = 0.0  # initial s; 0 switches the meta-classifier off
-    aux_epochs: float = 3.0  # s reaches 0 here
-    max_leaf: int = 100  # labels per cluster
-    # SET rewiring (dst.py; the defaults are the release's semantics)
-    rewire_interval: int = 100  # training batches between rewires
-    rewire_end: float = 0.66  # rewire during the first int(rewire_end * epochs) epochs
-    rewire_fraction: float = 0.2  # fraction mode: of all weights (scope global) or of each row
-    rewire_threshold: float = 0.0  # > 0: threshold mode, prune |w| below it
-    rewire_scope: str = "global"  # fraction mode: global (the smallest |w| of the matrix) or row
-    rewire_fraction_schedule: str = "constant"  # or cosine (decayed to 0 at the end of rewiring)
-    rewire_threshold_floor: float = 1e-4  # threshold mode: the threshold decays by a cosine to this
-    rewire_row_cap: float = 0.0  # > 0: prune at most this fraction of a row
-    rewire_reset_state: bool = False  # zero the optimizer state of regrown slots (the release keeps it)
-    # evaluation
-    eval_every: int = 1
-    eval_batch_size: int = 256
-    patience: int = 0  # stop after this many evaluations without a better test P@3 (0: never)
-    # logging: log.jsonl gets a record per epoch, and per log_every training batches when > 0
-    log_every: int = 0
-    wandb: bool = False  # also send every record to Weights & Biases (rank 0; needs `pip install wandb`)
-    wandb_project: str = "xmc-dst"
-    wandb_name: str = ""  # the run's name there (default: wandb's own)
-
-    def __post_init__(self):
-        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *data.LAYOUTS),
-                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": sparse_layer.BACKENDS,
-                   "intermediate_activation": tuple(model.ACTIVATIONS), "encoder_optimizer": ("adamw", "adam"),
-                   "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
-                   "rewire_fraction_schedule": ("constant", "cosine"), "no_decay": ("modules", "names"),
-                   "lr_schedule_length": ("steps", "batches")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                 f"got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.log_every < 0:
-            raise ValueError(f"--log-every must be 0 (off) or a number of batches, got {self.log_every}")
-        if self.wandb and importlib.util.find_spec("wandb") is None:
-            raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb off)")
-
-
-def folder_defaults(folder, given):
-    """A folder without a preset: its layout, found from its files, and presets' defaults for it."""
-    transformer = given.get("encoder", Config.encoder) != "bow"
-    layout, _ = data.detect(data.locate(folder), given.get("format", "auto"), prefer_text=transformer)
-    if not transformer:
-        return dict(presets.BOW_DEFAULTS, format=layout)
-    lf = dict(max_length=32, pooling="mean") if layout == "lf" else {}
-    return dict(presets.TRANSFORMER_DEFAULTS, format=layout, **lf)
-
-
-def parse_config(argv=None):
-    """Config defaults < the data set's preset (or a folder's defaults) < command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field_ in dataclasses.fields(Config):
-        flag = "--" + field_.name.replace("_", "-")
-        if field_.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=field_.type, default=None, help=f"default {field_.default!r}")
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    name = given.get("data", Config.data)
-    config = Config(**{**(presets.PRESETS[name] if name in presets.PRESETS else folder_defaults(name, given)), **given})
-    return dataclasses.replace(config, out=config.out or f"runs/{data.name_of(config.data)}")
+from config import parse_config
 
 
 # ---------------------------------------------------------------------------------------------

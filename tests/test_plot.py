@@ -8,6 +8,7 @@ import pytest
 import data
 import plot
 import train
+from config import Config
 from conftest import TINY
 
 
@@ -17,8 +18,8 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, "synthetic", functools.partial(data.synthetic, **TINY))
-        base = train.Config(epochs=2, dim=32, fan_in=8, batch_size=32, warmup_steps=5, rewire_interval=10,
-                            aux_weight=0.4, aux_epochs=1, max_leaf=20, device="cpu", log_every=5)
+        base = Config(epochs=2, dim=32, intermediate=0, fan_in=8, batch_size=32, warmup_steps=5, lr_encoder=1e-3,
+                      rewire_interval=10, aux_weight=0.4, aux_epochs=1, max_leaf=20, device="cpu", log_every=5)
         for name, sparse in (("sparse", True), ("dense", False)):
             train.run(dataclasses.replace(base, sparse=sparse, out=str(folder / name)))
     return folder

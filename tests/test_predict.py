@@ -11,6 +11,7 @@ import torch
 import data
 import evaluate
 import train
+from config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,8 +50,8 @@ def datasets(tmp_path, monkeypatch):
 
 def trained(datasets, name):
     folder = datasets / "data" / name.removeprefix("tiny-")
-    config = train.Config(data=str(folder), out=str(datasets / name), epochs=4, dim=32, fan_in=8, intermediate=32,
-                          batch_size=32, warmup_steps=5, rewire_interval=5, lr_encoder=1e-2, device="cpu")
+    config = Config(data=str(folder), out=str(datasets / name), epochs=4, dim=32, fan_in=8, intermediate=32,
+                    batch_size=32, warmup_steps=5, rewire_interval=5, lr_encoder=1e-2, aux_weight=0.0, device="cpu")
     results = train.run(config)
     return Path(config.out) / "checkpoint.pt", results
 

@@ -17,16 +17,17 @@ import torch
 import data
 import evaluate
 import model
-import presets
+import config
 import train
+from config import BOW_DEFAULTS, Config, PRESETS, RELEASE_SHARED, parse_config
 from conftest import SPLITS, TINY, tiny_bert, write_data_set
 
 
 @pytest.fixture
 def tiny(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "synthetic", functools.partial(data.synthetic, **TINY))
-    return train.Config(out=str(tmp_path / "run"), epochs=3, dim=32, fan_in=8, batch_size=32, warmup_steps=5,
-                        rewire_interval=10, aux_weight=0.4, aux_epochs=2, max_leaf=20)
+    return Config(out=str(tmp_path / "run"), epochs=3, dim=32, intermediate=0, fan_in=8, batch_size=32,
+                  warmup_steps=5, lr_encoder=1e-3, rewire_interval=10, aux_weight=0.4, aux_epochs=2, max_leaf=20)
 
 
 def dense_labels(scores, rows, labels):
@@ -91,17 +92,17 @@ def test_losses_match_their_dense_definitions():
 
 
 def test_aux_weight_decays_by_cosine_then_stops():
-    config = train.Config(aux_weight=0.4, aux_epochs=15)
+    config = Config(aux_weight=0.4, aux_epochs=15)
     assert train.aux_weight(config, 0) == pytest.approx(0.4)
     assert train.aux_weight(config, 7.5) == pytest.approx(0.2)
     assert train.aux_weight(config, 15) == 0.0 and train.aux_weight(config, 40) == 0.0
 
 
 def test_presets_and_command_line_overrides():
-    config = train.parse_config(["--data", "amazon670k", "--fan-in", "64", "--no-sparse"])
+    config = parse_config(["--data", "amazon670k", "--fan-in", "64", "--no-sparse"])
     assert (config.encoder, config.batch_size, config.rewire_interval) == ("bert-base-uncased", 64, 800)
     assert (config.fan_in, config.sparse, config.out, config.format) == (64, False, "runs/amazon670k", "raw")
-    assert train.parse_config([]).data == "synthetic"
+    assert parse_config([]).data == "synthetic"
 
 
 # The official release's recipe, value by value, as ../shared/reference/official-release.md gives it
@@ -149,7 +150,7 @@ PAPER = ["wiki10-31k", "wiki500k", "amazon670k", "amazon3m", "lf-amazontitles-13
 
 @pytest.mark.parametrize("column, name", list(enumerate(PAPER)))
 def test_paper_presets_are_the_release_recipe(column, name):
-    config = train.parse_config(["--data", name])
+    config = parse_config(["--data", name])
     for field, values in {**RELEASE_TABLE, **RELEASE_ONLY_WHERE_USED}.items():
         if values[column] is not None:
             assert getattr(config, field) == values[column], f"{name}: {field}"
@@ -163,17 +164,17 @@ PRESET_ROWS = ["encoder", "format", "pooling", "max_length", "dropout", "batch_s
 
 
 def preset_table():
-    """The README's table of the paper presets, rendered from presets.PRESETS (a value the preset
+    """The README's table of the paper presets, rendered from PRESETS (a value the preset
     does not use is shown as -)."""
     unused = {"rewire_fraction": lambda c: c.rewire_threshold > 0, "aux_epochs": lambda c: c.aux_weight == 0,
               "lr_meta": lambda c: c.aux_weight == 0, "lr_intermediate": lambda c: c.intermediate == 0}
-    configs = [train.parse_config(["--data", name]) for name in PAPER]
+    configs = [parse_config(["--data", name]) for name in PAPER]
     lines = ["| `--data` | " + " | ".join(f"`{name}`" for name in PAPER) + " |", "|---" * (len(PAPER) + 1) + "|"]
     for row in PRESET_ROWS:
         cells = ["-" if unused.get(row, lambda c: False)(c)
                  else str(getattr(c, row)).removeprefix("sentence-transformers/") for c in configs]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    shared = [f"`{name}={getattr(configs[0], name)}`" for name in presets.RELEASE
+    shared = [f"`{name}={getattr(configs[0], name)}`" for name in RELEASE_SHARED
               if name not in PRESET_ROWS and len({getattr(c, name) for c in configs}) == 1]
     return "\n".join(lines) + "\n\n" + textwrap.fill("Shared by all six: " + ", ".join(shared) + ".", 100)
 
@@ -189,35 +190,35 @@ PROPENSITIES = {"wiki10-31k": (0.5, 0.4), "wiki500k": (0.5, 0.4), "amazon670k": 
 
 def test_presets_carry_their_data_sets_propensity_constants_and_layouts():
     for name, expected in PROPENSITIES.items():
-        config = train.parse_config(["--data", name])
+        config = parse_config(["--data", name])
         assert (config.propensity_a, config.propensity_b) == expected, name
         assert config.format == ("lf" if name.startswith("lf-") else "bow" if name == "delicious" else "raw")
-    assert train.parse_config(["--data", "lf-amazontitles-131k"]).augment_labels
-    assert train.parse_config(["--data", "wiki500k", "--propensity-a", "0.55"]).propensity_a == 0.55
+    assert parse_config(["--data", "lf-amazontitles-131k"]).augment_labels
+    assert parse_config(["--data", "wiki500k", "--propensity-a", "0.55"]).propensity_a == 0.55
 
 
 def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):
     bow = write_data_set(tmp_path / "EURLex-Tiny", "bow", SPLITS)
-    config = train.parse_config(["--data", str(bow)])
+    config = parse_config(["--data", str(bow)])
     assert (config.format, config.encoder, config.out) == ("bow", "bow", "runs/EURLex-Tiny")
-    assert {k: getattr(config, k) for k in presets.BOW_DEFAULTS} == presets.BOW_DEFAULTS
+    assert {k: getattr(config, k) for k in BOW_DEFAULTS} == BOW_DEFAULTS
     raw = write_data_set(tmp_path / "Raw", "raw", SPLITS)
-    assert train.parse_config(["--data", str(raw)]).format == "raw"  # texts, read by the bag-of-words encoder
-    config = train.parse_config(["--data", str(raw), "--encoder", "some/bert"])
+    assert parse_config(["--data", str(raw)]).format == "raw"  # texts, read by the bag-of-words encoder
+    config = parse_config(["--data", str(raw), "--encoder", "some/bert"])
     assert (config.format, config.max_length, config.lr_encoder) == ("raw", 128, 1e-5)
     lf = write_data_set(tmp_path / "LF", "lf", SPLITS)
-    assert train.parse_config(["--data", str(lf), "--encoder", "some/bert"]).max_length == 32
+    assert parse_config(["--data", str(lf), "--encoder", "some/bert"]).max_length == 32
     with pytest.raises(ValueError, match="holds bags of words only"):
-        train.run(train.parse_config(["--data", str(bow), "--encoder", "some/bert", "--dry-run", "--out",
+        train.run(parse_config(["--data", str(bow), "--encoder", "some/bert", "--dry-run", "--out",
                                       str(tmp_path / "run")]))
     with pytest.raises(data.DataError, match="no data set at"):
-        train.parse_config(["--data", str(tmp_path / "nothing/here")])
+        parse_config(["--data", str(tmp_path / "nothing/here")])
 
 
 @pytest.mark.skipif(not (train.Path(__file__).parents[2] / "shared/data/delicious").is_dir(), reason="no ../shared")
 def test_the_shared_delicious_folder_needs_no_other_flag():
-    config = train.parse_config(["--data", str(train.Path(__file__).parents[2] / "shared/data/delicious")])
-    assert config.format == "bow" and {k: getattr(config, k) for k in presets.BOW_DEFAULTS} == presets.BOW_DEFAULTS
+    config = parse_config(["--data", str(train.Path(__file__).parents[2] / "shared/data/delicious")])
+    assert config.format == "bow" and {k: getattr(config, k) for k in BOW_DEFAULTS} == BOW_DEFAULTS
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -384,7 +385,7 @@ def test_the_two_optimizers_carry_the_release_groups(tiny):
 def test_a_transformers_layer_norm_weights_and_biases_get_no_weight_decay(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     network = model.build(str(tiny_bert(tmp_path / "bert")), 0, 20, fan_in=4)
-    encoder, _ = train.make_optimizers(train.Config(encoder="adam", encoder_optimizer="adam"), network)
+    encoder, _ = train.make_optimizers(Config(encoder="adam", encoder_optimizer="adam"), network)
     names = {id(p): n for n, p in network.named_parameters()}
     decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
     assert isinstance(encoder, torch.optim.Adam) and exempt and decayed
@@ -472,9 +473,9 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     Clusters and token ids are cached next to the data; evaluate.py reads the same token cache, and
     rebuilds the model from the run's own folder: the original model folder is not needed."""
     folder, encoder = text_folder
-    run = train.Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, pooling="mean",
-                       out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8, intermediate=32, aux_weight=0.4,
-                       aux_epochs=1, max_leaf=3, warmup_steps=2)
+    run = Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, pooling="mean",
+                 out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8, intermediate=32, aux_weight=0.4,
+                 aux_epochs=1, max_leaf=3, warmup_steps=2, lr_encoder=1e-3)
     results = train.run(run)
     assert 0 <= results["P@1"] <= 100
     assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
@@ -490,8 +491,8 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
 
 def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp_path, monkeypatch, capsys):
     folder, encoder = text_folder
-    run = train.Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, out=str(tmp_path / "run"),
-                       fan_in=8, aux_weight=0.4, max_leaf=3, dry_run=True)
+    run = Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, out=str(tmp_path / "run"),
+                 fan_in=8, intermediate=0, aux_weight=0.4, max_leaf=3, dry_run=True)
     report = train.run(run)
     assert (report["train_documents"], report["test_documents"], report["labels"]) == (60, 20, 8)
     assert report["clusters"] >= 3 and report["token_cache_MB"] == (60 + 20) * (4 + 8 * 2) / 2**20
@@ -511,7 +512,7 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
                                            (["--precision", "int8"], "--precision")])
 def test_bad_options_are_refused_in_one_line(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.parse_config(argv)
+        parse_config(argv)
 
 
 def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, tmp_path):
@@ -551,9 +552,9 @@ def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, t
 
 
 def test_wandb_without_the_package_is_a_one_line_error(monkeypatch):
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"^--wandb needs the wandb package: pip install wandb"):
-        train.parse_config(["--wandb"])
+        parse_config(["--wandb"])
 
 
 def run_main(monkeypatch, argv):
@@ -592,7 +593,7 @@ def test_the_amazon3m_schedule_is_the_releases_sized_in_batches_stepped_per_opti
     documents, batch 128, grad_accum 2, 51 epochs, warm-up 10,000: 13,422 batches an epoch, 684,522
     in the schedule, 342,261 optimizer steps; the factor after the last step is 0.512, its mean over
     the run's steps 0.813. The other choice spans the optimizer steps: it ends at 0, mean about 0.5."""
-    config = train.parse_config(["--data", "amazon3m"])
+    config = parse_config(["--data", "amazon3m"])
     batches = -(-1_717_899 // 128)
     steps, length = -(-batches // 2) * 51, batches * 51
     assert (batches, steps, length) == (13_422, 342_261, 684_522)
@@ -609,7 +610,7 @@ def test_the_amazon3m_schedule_is_the_releases_sized_in_batches_stepped_per_opti
     ours_factors = [train.warmup_then_cosine(step, 10_000, steps) for step in range(steps)]
     assert ours_factors[-1] < 1e-9 and np.mean(ours_factors) == pytest.approx(0.5, abs=0.01)
     for name in set(PAPER) - {"amazon3m"}:  # grad_accum 1: both lengths are the same
-        assert train.parse_config(["--data", name]).lr_schedule_length == "steps"
+        assert parse_config(["--data", name]).lr_schedule_length == "steps"
 
 
 def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilberts_norms(tmp_path, monkeypatch):
@@ -625,8 +626,15 @@ def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilbe
     layer_norms = [n for n in names.values() if "layer_norm.weight" in n]
     assert len(layer_norms) == 4  # sa_layer_norm and output_layer_norm in each of 2 layers
     for no_decay, decayed_norms in (("modules", []), ("names", layer_norms)):
-        encoder, _ = train.make_optimizers(train.Config(no_decay=no_decay), network)
+        encoder, _ = train.make_optimizers(Config(no_decay=no_decay), network)
         decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
         assert sorted(n for n in decayed if "norm" in n.lower()) == sorted(decayed_norms), no_decay
         assert "encoder.transformer.embeddings.LayerNorm.weight" in exempt
         assert all(n.endswith("bias") for n in exempt if "norm" not in n.lower())
+
+
+def test_a_fan_in_wider_than_the_classifiers_inputs_is_refused_not_clamped():
+    with pytest.raises(ValueError, match=r"^--fan-in 512 is larger than the classifier's 256 inputs"):
+        model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512)
+    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=256).classifier.fan_in == 256
+    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512, sparse=False) is not None

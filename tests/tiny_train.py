@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY  # noqa: E402  (conftest also puts the project root on sys.path)
 import data  # noqa: E402
 import train  # noqa: E402
+from config import parse_config  # noqa: E402
 
 data.synthetic = functools.partial(data.synthetic, **TINY)
 built = []
@@ -31,4 +32,4 @@ def train_and_save(config, *args):
 
 
 train.train_and_evaluate = train_and_save
-train.run(train.parse_config())
+train.run(parse_config())

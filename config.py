@@ -1,0 +1,189 @@
+"""Configuration: every option of a run (Config), and the presets of named data sets.
+
+`python train.py` runs Config()'s defaults: the embedded synthetic data set (data.synthetic) with
+the paper's whole recipe at CPU size (an intermediate layer, the auxiliary loss, SET). A preset
+holds only what differs from them: `--data NAME` for the six data sets of the paper takes the
+official release's recipe (xmc-aalto/NeurIPS24-dst, config/dataset/*.yaml) from RELEASE, one table,
+value by value as the release has it; `delicious` and a folder without a preset take the
+bag-of-words defaults measured on Delicious, or with --encoder NAME the release's Amazon-670K
+recipe. Command-line flags override any value: Config < preset < flags (parse_config).
+"""
+import argparse
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+import data
+import dst
+import model
+import sparse_layer
+
+
+@dataclass
+class Config:
+    data: str = "synthetic"  # synthetic, a named data set (its folder under data_dir), or a folder
+    data_dir: str = "data"
+    format: str = "auto"  # the folder's layout: bow, raw or lf (data.py); auto: found from its files
+    augment_labels: bool = False  # LF data sets: each label's title is one more training document
+    propensity_a: float = 0.55  # PSP@k's propensity constants A, B (Jain et al. 2016) of the data set
+    propensity_b: float = 1.5
+    out: str = ""  # run directory; default runs/<the data set's name>
+    resume: bool = False  # continue from the newest readable checkpoint in <out>
+    dry_run: bool = False  # prepare everything up to the first step, report, exit
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    precision: str = "bf16"  # autocast on a GPU: bf16, fp16 (with a gradient scaler) or fp32; the CPU runs fp32
+    compile: bool = False  # torch.compile the encoder
+    # model
+    encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder
+    dim: int = 256  # width of the bag-of-words encoder
+    pooling: str = "cls"  # transformer pooling: cls or mean
+    max_length: int = 128  # transformer tokens per document
+    dropout: float = 0.1  # on the encoder's output
+    intermediate: int = 1024  # width of the dense intermediate layer (0: none)
+    intermediate_activation: str = "none"  # none (linear, as the release), gelu or relu
+    sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
+    fan_in: int = 32
+    backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple
+    # optimisation: two optimizers, as the release
+    loss: str = "squared_hinge"  # squared_hinge, bce (summed over batch and labels, as the release) or bce_mean
+    epochs: int = 6
+    batch_size: int = 64  # the global batch: under torchrun, each of N processes takes 1/N of it
+    grad_accum: int = 1  # batches whose gradients add up to one optimizer step
+    encoder_optimizer: str = "adamw"  # adamw or adam: the encoder, the meta head, the intermediate layer
+    lr_encoder: float = 2e-3
+    weight_decay_encoder: float = 0.01  # not on biases and LayerNorm weights
+    no_decay: str = "modules"  # those found by module type (modules), or by the release's name match (names)
+    lr_meta: float = 1e-2
+    lr_intermediate: float = 1e-2
+    classifier_optimizer: str = "adamw"  # adamw, or sgd (momentum 0.9)
+    lr_classifier: float = 1e-2
+    weight_decay_classifier: float = 1e-4
+    warmup_steps: int = 100  # optimizer steps of linear warm-up, then a half cosine to 0
+    lr_schedule_length: str = "steps"  # the cosine ends at the run's optimizer steps, or at its batches (batches)
+    clip_grad: float = 0.0  # max gradient norm (0: off)
+    # auxiliary loss
+    aux_weight: float = 0.4  # initial s; 0 switches the meta-classifier off
+    aux_epochs: float = 3.0  # s reaches 0 here
+    max_leaf: int = 100  # labels per cluster
+    # SET rewiring (dst.py; the defaults are the release's semantics)
+    rewire_interval: int = 200  # training batches between rewires
+    rewire_end: float = 0.66  # rewire during the first int(rewire_end * epochs) epochs
+    rewire_fraction: float = 0.2  # fraction mode: of all weights (scope global) or of each row
+    rewire_threshold: float = 0.0  # > 0: threshold mode, prune |w| below it
+    rewire_scope: str = "global"  # fraction mode: global (the smallest |w| of the matrix) or row
+    rewire_fraction_schedule: str = "constant"  # or cosine (decayed to 0 at the end of rewiring)
+    rewire_threshold_floor: float = 1e-4  # threshold mode: the threshold decays by a cosine to this
+    rewire_row_cap: float = 0.0  # > 0: prune at most this fraction of a row
+    rewire_reset_state: bool = False  # zero the optimizer state of regrown slots (the release keeps it)
+    # evaluation
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    patience: int = 0  # stop after this many evaluations without a better test P@3 (0: never)
+    # logging: log.jsonl gets a record per epoch, and per log_every training batches when > 0
+    log_every: int = 0
+    wandb: bool = False  # also send every record to Weights & Biases (rank 0; needs `pip install wandb`)
+    wandb_project: str = "xmc-dst"
+    wandb_name: str = ""  # the run's name there (default: wandb's own)
+
+    def __post_init__(self):
+        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *data.LAYOUTS),
+                   "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": sparse_layer.BACKENDS,
+                   "intermediate_activation": tuple(model.ACTIVATIONS), "encoder_optimizer": ("adamw", "adam"),
+                   "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
+                   "rewire_fraction_schedule": ("constant", "cosine"), "no_decay": ("modules", "names"),
+                   "lr_schedule_length": ("steps", "batches")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.log_every < 0:
+            raise ValueError(f"--log-every must be 0 (off) or a number of batches, got {self.log_every}")
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb off)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's recipe: a row per field, a column per data set (None: the release does not use
+# the field there, so Config's value stands).
+
+PAPER = ("wiki10-31k", "wiki500k", "amazon670k", "amazon3m", "lf-amazontitles-131k", "lf-wikiseealso-320k")
+BERT, DISTILBERT, DISTILROBERTA = ("bert-base-uncased", "sentence-transformers/msmarco-distilbert-base-v4",
+                                   "sentence-transformers/paraphrase-distilroberta-base-v2")
+RELEASE = {
+    #                        wiki10-31k  wiki500k  amazon670k amazon3m  lf-amazontitles lf-wikiseealso
+    "encoder":               (BERT,      BERT,     BERT,      BERT,     DISTILBERT,     DISTILROBERTA),
+    "format":                ("raw",     "raw",    "raw",     "raw",    "lf",           "lf"),
+    "augment_labels":        (None,      None,     None,      None,     True,           True),
+    "pooling":               ("mean",    "mean",   "cls",     "cls",    "mean",         "mean"),
+    "max_length":            (128,       128,      128,       128,      32,             32),
+    "dropout":               (0.6,       0.5,      0.6,       0.35,     0.7,            0.55),
+    "batch_size":            (32,        128,      64,        128,      512,            128),
+    "grad_accum":            (1,         1,        1,         2,        1,              1),
+    "epochs":                (100,       50,       110,       51,       100,            101),
+    "intermediate":          (4096,      0,        0,         0,        0,              0),
+    "lr_intermediate":       (0.01,      None,     None,      None,     None,           None),
+    "fan_in":                (64,        128,      128,       128,      128,            128),
+    "rewire_threshold":      (0.01,      0.05,     0.01,      None,     None,           0.02),
+    "rewire_fraction":       (None,      None,     None,      0.25,     0.15,           None),
+    "rewire_interval":       (300,       600,      800,       1500,     1000,           800),
+    "aux_weight":            (0.0,       0.4,      0.4,       0.0,      0.4,            0.0),
+    "aux_epochs":            (None,      8,        15,        None,     12,             None),
+    "loss":                  ("squared_hinge",) * 4 + ("bce", "squared_hinge"),
+    "encoder_optimizer":     ("adamw",) * 4 + ("adam", "adamw"),
+    "lr_encoder":            (1e-5,      5e-5,     1e-5,      5e-5,     1e-5,           2e-4),
+    "weight_decay_encoder":  (0.01,      0.01,     0.01,      0.01,     0.01,           1e-3),
+    "classifier_optimizer":  ("adamw",) * 4 + ("sgd", "adamw"),
+    "lr_classifier":         (0.01,      0.05,     0.01,      0.05,     0.08,           0.01),
+    "warmup_steps":          (1000,      1000,     1000,      10000,    5000,           5000),
+    "lr_schedule_length":    (None,      None,     None,      "batches", None,          None),
+    "propensity_a":          (0.5,       0.5,      0.6,       0.6,      0.6,            0.5),
+    "propensity_b":          (0.4,       0.4,      2.6,       2.6,      2.6,            0.4),
+}
+# What all six share: fp16 with a gradient scaler, the linear intermediate layer, the meta head's
+# learning rate and the classifier's weight decay, the release's rewiring semantics (global
+# fraction constant over time, threshold decayed to 1e-4, no cap per row, optimizer state kept),
+# evaluation every epoch with early stopping after 25, seed 42.
+RELEASE_SHARED = dict(seed=42, precision="fp16", intermediate_activation="none", lr_meta=5e-4,
+                      weight_decay_classifier=1e-4, rewire_end=0.66, rewire_scope="global",
+                      rewire_fraction_schedule="constant", rewire_threshold_floor=1e-4, rewire_row_cap=0.0,
+                      rewire_reset_state=False, eval_every=1, patience=25)
+PRESETS = {name: {**RELEASE_SHARED, **{f: values[i] for f, values in RELEASE.items() if values[i] is not None}}
+           for i, name in enumerate(PAPER)}
+
+# A folder of raw text or LF json with --encoder: the Amazon-670K recipe (LF: 32 tokens, mean pooling).
+TRANSFORMER_DEFAULTS = {k: v for k, v in PRESETS["amazon670k"].items()
+                        if k not in ("encoder", "format", "propensity_a", "propensity_b")}
+# A folder with the bag-of-words encoder: the values measured on Delicious (README).
+BOW_DEFAULTS = dict(epochs=40, dim=1024, dropout=0.5, intermediate=2048, fan_in=128, loss="bce", lr_encoder=1e-3,
+                    aux_weight=0.0)
+PRESETS["delicious"] = dict(BOW_DEFAULTS, format="bow")
+PRESETS["synthetic"] = {}  # Config's defaults
+
+
+def folder_defaults(folder, given):
+    """A folder without a preset: its layout, found from its files, and the defaults for it."""
+    transformer = given.get("encoder", Config.encoder) != "bow"
+    layout, _ = data.detect(data.locate(folder), given.get("format", "auto"), prefer_text=transformer)
+    if not transformer:
+        return dict(BOW_DEFAULTS, format=layout)
+    lf = dict(max_length=32, pooling="mean") if layout == "lf" else {}
+    return dict(TRANSFORMER_DEFAULTS, format=layout, **lf)
+
+
+def parse_config(argv=None):
+    """Config defaults < the data set's preset (or a folder's defaults) < command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field_ in dataclasses.fields(Config):
+        flag = "--" + field_.name.replace("_", "-")
+        if field_.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=field_.type, default=None, help=f"default {field_.default!r}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    name = given.get("data", Config.data)
+    config = Config(**{**(PRESETS[name] if name in PRESETS else folder_defaults(name, given)), **given})
+    return dataclasses.replace(config, out=config.out or f"runs/{data.name_of(config.data)}")
