@@ -157,8 +157,8 @@ class RewireSchedule:
         """From 1 at batch 0 to 0 at last_batch."""
         return 0.5 * (1 + math.cos(math.pi * min(batch / max(self.last_batch, 1), 1.0)))
 
-    def arguments(self, batch):
-        """Keyword arguments of rewire() at this batch."""
+    def amount(self, batch):
+        """(fraction, threshold) of rewire() at this batch: one of the two, the other None."""
         if self.threshold > 0:
-            return {"threshold": self.threshold_floor + (self.threshold - self.threshold_floor) * self.cosine(batch)}
-        return {"fraction": self.fraction * (self.cosine(batch) if self.fraction_schedule == "cosine" else 1.0)}
+            return None, self.threshold_floor + (self.threshold - self.threshold_floor) * self.cosine(batch)
+        return self.fraction * (self.cosine(batch) if self.fraction_schedule == "cosine" else 1.0), None

@@ -25,6 +25,7 @@ import torch
 
 import data
 import model
+from checkpoint import encoder_folder, load_checkpoint
 
 KS = (1, 3, 5)
 
@@ -108,31 +109,6 @@ def table(*evaluations, ks=KS):
         for label, results in evaluations:
             lines.append(f"| {name} ({label}) | " + " | ".join(f"{results[f'{name}@{k}']:.2f}" for k in ks) + " |")
     return "\n".join(lines)
-
-
-def load_checkpoint(path):
-    """A checkpoint written by train.py, on the CPU; a missing, damaged, foreign or outdated file
-    is a one-line error."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as error:  # a damaged or foreign file fails in many ways (zip, pickle, EOF, index errors)
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(state, dict) or "model_arguments" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by train.py")
-    if "max_length" not in state:
-        raise ValueError(f"{path} was written by an older train.py, whose checkpoints this one cannot rebuild")
-    return state
-
-
-def encoder_folder(run):
-    """<run>/encoder: a transformer's config and tokenizer, which train.py saves beside its checkpoints."""
-    folder = Path(run) / "encoder"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is missing: train.py saves the encoder's config and tokenizer there, "
-                                f"beside the checkpoints; keep the run's folder together")
-    return str(folder)
 
 
 def load_model(state, device, run):

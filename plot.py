@@ -17,7 +17,6 @@ for equal weights and 1 for a single one.
 """
 import argparse
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from checkpoint import load_checkpoint  # noqa: E402
 from sparse_layer import random_distinct_indices  # noqa: E402
 
 WIDTH = 12  # inches: the figures are read at README width
@@ -105,10 +105,9 @@ def effective_fan_in(weight):
 
 def plot_checkpoint(path, out):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]
-        raise SystemExit(f"plot.py: {path} is not a readable checkpoint ({first_line})")
+        state = load_checkpoint(path)
+    except (ValueError, OSError) as error:  # missing, damaged, foreign: checkpoint.py's one line
+        raise SystemExit(f"plot.py: {error}")
     if "classifier.indices" not in state["model"]:
         raise SystemExit(f"plot.py: {path} holds a dense classifier: no connectivity to show")
     weight, indices = state["model"]["classifier.weight"].float(), state["model"]["classifier.indices"].long()

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from tqdm import tqdm
 
 import data
 import dst
+import checkpoint
 import evaluate
 import model
 from config import parse_config
@@ -86,25 +86,25 @@ def warmup_then_cosine(step, warmup, total):
 # Set-up.
 
 @dataclass
-class Training:
+class TrainingState:
     """Everything a training step touches, and what a checkpoint must restore."""
     network: torch.nn.Module
     replica: torch.nn.Module  # what a step calls: the network, wrapped in DDP under torchrun
     optimizers: list  # [the encoder's (with the meta head and the intermediate layer), the classifier's]
     schedulers: list  # their learning rates, stepped with them
-    rewiring: dst.RewireSchedule
+    rewire_schedule: dst.RewireSchedule
     clusters: torch.Tensor | None  # cluster id per label, for the auxiliary loss
     scaler: torch.amp.GradScaler  # loss scaling, active only for fp16 on a GPU
-    saved: dict  # how evaluate.py rebuilds data and model from a checkpoint
+    rebuild: dict  # what evaluate.py rebuilds data and model from (checkpoint.py lists the keys)
     batches_per_epoch: int
     rank: int = 0  # this process, of `world` (torchrun); rank 0 prints and writes
     world: int = 1
-    batch: int = 0  # training batches done
-    regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
-    survived: float | None = None
-    best: dict = field(default_factory=dict)  # the evaluation of best test P@1, with its epoch
+    batches_done: int = 0  # training batches
+    last_regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
+    last_survival: float | None = None  # of the regrown slots, the share the next rewire kept
+    best_evaluation: dict = field(default_factory=dict)  # the evaluation of best test P@1, with its epoch
     best_p3: float = -1.0  # early stopping: the best test P@3, and the evaluations since it
-    stale: int = 0
+    evaluations_since_best_p3: int = 0
 
 
 def make_optimizers(config, network):
@@ -131,7 +131,9 @@ def make_optimizers(config, network):
     return [encoder_optimizer, torch.optim.AdamW(classifier, lr=lr, weight_decay=decay)]
 
 
-def build(config, source, xmc, clusters, device, rank=0, world=1):
+def set_up(config, source, xmc, clusters, device, rank=0, world=1):
+    """The TrainingState of a new run: the model (in DDP under torchrun), its optimizers and their
+    learning-rate schedules, the rewiring schedule, the loss scaler, what checkpoints record."""
     clusters = None if clusters is None else clusters.to(device)
     arguments = dict(encoder=config.encoder, num_features=xmc.num_features, num_labels=xmc.num_labels,
                      num_clusters=0 if clusters is None else int(clusters.max()) + 1, dim=config.dim,
@@ -157,33 +159,20 @@ def build(config, source, xmc, clusters, device, rank=0, world=1):
     bow_inputs = config.encoder == "bow" and xmc.vocabulary is not None  # a bag-of-words model of raw text
     inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow_inputs else None,
                   idf=torch.from_numpy(xmc.idf) if bow_inputs else None)
-    return Training(
+    return TrainingState(
         network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
         batches_per_epoch=batches_per_epoch,
         schedulers=[torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers],
-        rewiring=dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch, config.rewire_interval,
+        rewire_schedule=dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch, config.rewire_interval,
                                     config.rewire_fraction, config.rewire_threshold, config.rewire_fraction_schedule,
                                     config.rewire_threshold_floor),
         scaler=torch.amp.GradScaler(device.type, init_scale=2**12,
                                     enabled=device.type == "cuda" and config.precision == "fp16"),
-        saved=dict(model_arguments=arguments, inputs=inputs,
+        rebuild=dict(model_arguments=arguments, inputs=inputs,
                    label_counts=torch.from_numpy(xmc.label_frequencies().astype(np.int32)),  # plot.py: head vs tail
                    max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
                                        propensity=(config.propensity_a, config.propensity_b))))
-
-
-def save_encoder(config, network, out):
-    """A transformer's config and tokenizer, into <out>/encoder (written whole, then renamed):
-    evaluate.py and --predict rebuild the model from them and the checkpoint's weights, with no
-    model hub and no original folder."""
-    folder = out / "encoder"
-    if config.encoder == "bow" or folder.exists():
-        return
-    temporary = out / f".encoder.tmp{os.getpid()}"
-    data.load_tokenizer(config.encoder).save_pretrained(temporary)
-    network.encoder.transformer.config.save_pretrained(temporary)
-    os.replace(temporary, folder)
 
 
 def seed_of(*parts):
@@ -192,221 +181,112 @@ def seed_of(*parts):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: <out>/checkpoint.pt, the newest, <out>/checkpoint.previous.pt, the one before, and
-# <out>/checkpoint.best.pt, the epoch of best test P@1.
-
-def checkpoint_files(out):
-    """Newest first: the order in which --resume tries them."""
-    return [Path(out) / "checkpoint.pt", Path(out) / "checkpoint.previous.pt"]
-
-
-def save_checkpoint(path, state, keep_previous=True):
-    """Write to a temporary file and flush it to disk; then the current checkpoint becomes the
-    previous one (keep_previous), and the temporary file the current one (renames are atomic). A
-    kill at any moment leaves at least one complete checkpoint and never half of one; between the
-    two renames only the previous one exists, and --resume falls back to it."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, checkpoint_files(path.parent)[1])
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)  # make the renames themselves durable
-    os.fsync(directory)
-    os.close(directory)
-
-
-def load_latest_checkpoint(out):
-    """(path, state) of the newest checkpoint in `out` that loads."""
-    for path in checkpoint_files(out):
-        if path.exists():
-            try:
-                return path, evaluate.load_checkpoint(path)
-            except ValueError as error:
-                print(f"warning: {error}; skipped")
-    raise FileNotFoundError(f"--resume: no readable checkpoint in {out}")
-
-
-def checkpoint_state(t, epoch, config):
-    return {"model": t.network.state_dict(), "optimizers": [o.state_dict() for o in t.optimizers],
-            "schedulers": [s.state_dict() for s in t.schedulers], "scaler": t.scaler.state_dict(), "epoch": epoch,
-            "batch": t.batch, "regrown": t.regrown, "best": t.best, "best_p3": t.best_p3, "stale": t.stale,
-            "config": dataclasses.asdict(config), **t.saved}
-
-
-def check_compatible(path, state, t, config):
-    """Refuse a checkpoint of another model or data set in one line (other options may change)."""
-    ignored = ("backend",)  # how the layer is computed, not what it is
-    old = {**state["model_arguments"], "data": state["data_arguments"].get("source")}
-    new = {**t.saved["model_arguments"], "data": t.saved["data_arguments"]["source"]}
-    different = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k not in ignored and old.get(k) != v]
-    if different:
-        raise ValueError(f"{path} belongs to another model: {'; '.join(different)}. Resume with the options "
-                         f"it was trained with, or start a new run with another --out")
-
-
-def trim_log(path, last_epoch):
-    """Keep the records of epochs up to `last_epoch`, rewritten atomically: a fallback to an older
-    checkpoint leaves later ones, a kill during a write half a line."""
-    def wanted(line):
-        try:
-            return json.loads(line)["epoch"] <= last_epoch
-        except (ValueError, KeyError, TypeError):
-            return False
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text("".join(line + "\n" for line in path.read_text().splitlines() if wanted(line)))
-    os.replace(temporary, path)
-
-
-def restore(t, state):
-    """The inverse of checkpoint_state; returns the epoch to continue with."""
-    t.network.load_state_dict(state["model"])
-    for objects, key in ((t.optimizers, "optimizers"), (t.schedulers, "schedulers")):
-        for thing, saved in zip(objects, state[key]):
-            thing.load_state_dict(saved)
-    t.scaler.load_state_dict(state["scaler"])
-    t.batch, t.regrown, t.best = state["batch"], state["regrown"], state["best"]
-    t.best_p3, t.stale = state["best_p3"], state["stale"]
-    if t.regrown is not None:  # saved from the GPU, loaded to the CPU (map_location): back beside the weights
-        t.regrown = t.regrown.to(next(t.network.parameters()).device)
-    return state["epoch"] + 1
-
-
-# ---------------------------------------------------------------------------------------------
 # Training.
 
-def train_step(config, t, batch, device, window, last):
+def train_step(config, state, batch, device, window, last):
     """One batch (module docstring, 1-4); `last`: it closes a window of `window` batches, whose
     gradients add up to one optimizer step. Returns (s, [total, main, aux] loss, connections rewired)."""
-    s = aux_weight(config, t.batch / t.batches_per_epoch)
+    s = aux_weight(config, state.batches_done / state.batches_per_epoch)
     autocast = device.type == "cuda" and config.precision in ("bf16", "fp16")
     with torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
                         enabled=autocast):
-        scores, meta_scores = t.replica(batch, with_meta=s > 0)
+        scores, meta_scores = state.replica(batch, with_meta=s > 0)
     main = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
-    aux = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, t.clusters) if s > 0
+    aux = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
            else main.new_zeros(()))
     loss = (1 - s) * main + s * aux
     losses = torch.stack([loss.detach(), main.detach(), aux.detach()])
-    if t.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
+    if state.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)
-        losses /= t.world
+        losses /= state.world
     if not torch.isfinite(losses[0]):
-        raise FloatingPointError(f"loss is {losses[0].item()} at batch {t.batch}; stopping before any checkpoint "
+        raise FloatingPointError(f"loss is {losses[0].item()} at batch {state.batches_done}; stopping before any checkpoint "
                                  f"is overwritten")
     # DDP averages the gradients across processes once a window, at its last backward pass
-    with contextlib.nullcontext() if last or t.world == 1 else t.replica.no_sync():
-        t.scaler.scale(loss / window).backward()
-    t.batch += 1
+    with contextlib.nullcontext() if last or state.world == 1 else state.replica.no_sync():
+        state.scaler.scale(loss / window).backward()
+    state.batches_done += 1
     rewired = 0
     if last:
-        optimizer_step(config, t)
-        if config.sparse and t.rewiring.due(t.batch, window):
-            rewired = rewire(config, t, device)
+        optimizer_step(config, state)
+        if config.sparse and state.rewire_schedule.due(state.batches_done, window):
+            rewired = rewire(config, state, device)
     return s, losses, rewired
 
 
-def optimizer_step(config, t):
+def optimizer_step(config, state):
     if config.clip_grad > 0:
-        for optimizer in t.optimizers:
-            t.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(t.network.parameters(), config.clip_grad)
-    for optimizer, scheduler in zip(t.optimizers, t.schedulers):
-        t.scaler.step(optimizer)
+        for optimizer in state.optimizers:
+            state.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(state.network.parameters(), config.clip_grad)
+    for optimizer, scheduler in zip(state.optimizers, state.schedulers):
+        state.scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-    t.scaler.update()
+    state.scaler.update()
 
 
-def rewire(config, t, device):
+def rewire(config, state, device):
     """A SET rewire of the classifier. Seeded by the batch alone: every replica draws the same new
     connections, and a resumed run the same as an uninterrupted one."""
-    generator = torch.Generator(device).manual_seed(seed_of(config.seed, t.batch))
-    stats = dst.rewire(t.network.classifier, t.optimizers[1], scope=config.rewire_scope,
+    fraction, threshold = state.rewire_schedule.amount(state.batches_done)
+    generator = torch.Generator(device).manual_seed(seed_of(config.seed, state.batches_done))
+    stats = dst.rewire(state.network.classifier, state.optimizers[1], fraction, threshold, scope=config.rewire_scope,
                        row_cap=config.rewire_row_cap, reset_state=config.rewire_reset_state, generator=generator,
-                       previous_regrown=t.regrown, **t.rewiring.arguments(t.batch))
-    t.regrown, t.survived = stats["regrown"], stats["survived"]
+                       previous_regrown=state.last_regrown)
+    state.last_regrown, state.last_survival = stats["regrown"], stats["survived"]
     return stats["rewired"]
 
 
-class RunLog:
-    """The run's records (rank 0): appended to <out>/log.jsonl and, with --wandb, sent to Weights &
-    Biases (imported only then). Epoch records as they always were; step records carry "kind": "step"."""
-
-    def __init__(self, config, out, rank):
-        self.path = out / "log.jsonl" if rank == 0 else None
-        self.wandb = None
-        if rank == 0 and config.wandb:
-            import wandb  # noqa: only when asked (Config checked that it is installed)
-            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_name or None,
-                                    config=dataclasses.asdict(config))
-
-    def write(self, record):
-        if self.path is None:
-            return
-        with open(self.path, "a") as log:
-            log.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.wandb.log({("step/" if record.get("kind") == "step" else "") + k: v for k, v in numbers.items()},
-                           step=record["batch"])
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def step_record(config, t, epoch, s, losses, batches, seconds, device):
+def step_record(config, state, epoch, s, losses, batches, seconds, device):
     """The record of the last `batches` training batches: their mean losses, the learning rates,
     speed, and the GPU's peak memory so far."""
     loss, main, aux = (losses / batches).tolist()
-    record = {"kind": "step", "epoch": epoch + 1, "batch": t.batch, "loss": loss, "main": main, "aux": aux,
-              "aux_weight": s, "lr": [g["lr"] for optimizer in t.optimizers for g in optimizer.param_groups],
+    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main, "aux": aux,
+              "aux_weight": s, "lr": [g["lr"] for optimizer in state.optimizers for g in optimizer.param_groups],
               "ms_per_batch": 1e3 * seconds / batches, "documents_per_s": batches * config.batch_size / seconds}
     if device.type == "cuda":
         record["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
     return record
 
 
-def train_epoch(config, t, epoch, split, tokens, device, run_log):
+def train_epoch(config, state, epoch, split, tokens, device, run_log):
     """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages.
     Windows of grad_accum batches; the last one of the epoch may be shorter. With --log-every N, a
     step record every N batches."""
-    t.network.train()
-    torch.manual_seed(seed_of(config.seed, epoch, t.rank))  # dropout: fixed per epoch (exact resume), new per rank
+    state.network.train()
+    torch.manual_seed(seed_of(config.seed, epoch, state.rank))  # dropout: fixed per epoch (exact resume), new per rank
     totals, rewired = torch.zeros(3, dtype=torch.float64), 0
-    batches = data.batches(split, config.batch_size // t.world, shuffle=True, seed=config.seed, epoch=epoch,
-                           tokens=tokens, rank=t.rank, world=t.world, even=True)
-    progress = tqdm(batches, total=t.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
-                    disable=None if t.rank == 0 else True, leave=False)
+    batches = data.batches(split, config.batch_size // state.world, shuffle=True, seed=config.seed, epoch=epoch,
+                           tokens=tokens, rank=state.rank, world=state.world, even=True)
+    progress = tqdm(batches, total=state.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
+                    disable=None if state.rank == 0 else True, leave=False)
     since, since_totals, since_number = time.time(), totals.clone(), 0  # where the last step record left off
     for number, batch in enumerate(progress, start=1):
         before = (number - 1) // config.grad_accum * config.grad_accum  # batches of the epoch before this window
-        window = min(config.grad_accum, t.batches_per_epoch - before)
-        s, losses, step_rewired = train_step(config, t, batch.to(device), device, window, number - before == window)
+        window = min(config.grad_accum, state.batches_per_epoch - before)
+        s, losses, step_rewired = train_step(config, state, batch.to(device), device, window, number - before == window)
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
         progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
-        if config.log_every and t.batch % config.log_every == 0:
-            record = step_record(config, t, epoch, s, totals - since_totals, number - since_number, time.time() - since,
+        if config.log_every and state.batches_done % config.log_every == 0:
+            record = step_record(config, state, epoch, s, totals - since_totals, number - since_number, time.time() - since,
                                  device)
             run_log.write(record)
-            if t.rank == 0:
-                progress.write(f"batch {t.batch}: loss {record['loss']:.4g}, {record['ms_per_batch']:.0f} ms/batch, "
+            if state.rank == 0:
+                progress.write(f"batch {state.batches_done}: loss {record['loss']:.4g}, {record['ms_per_batch']:.0f} ms/batch, "
                                f"{record['documents_per_s']:.0f} documents/s")
             since, since_totals, since_number = time.time(), totals.clone(), number
-    loss, main, aux = (totals / t.batches_per_epoch).tolist()
+    loss, main, aux = (totals / state.batches_per_epoch).tolist()
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
 
 
-def keep_best(t, epoch, results):
+def keep_best(state, epoch, results):
     """After an evaluation: remember the best test P@1 (the caller saves checkpoint.best.pt when
     this returns True), and count evaluations without a better test P@3 (--patience)."""
-    t.stale = 0 if results["P@3"] > t.best_p3 else t.stale + 1
-    t.best_p3 = max(t.best_p3, results["P@3"])
-    if results["P@1"] > t.best.get("P@1", -1.0):
-        t.best = {"epoch": epoch + 1, **results}
+    state.evaluations_since_best_p3 = 0 if results["P@3"] > state.best_p3 else state.evaluations_since_best_p3 + 1
+    state.best_p3 = max(state.best_p3, results["P@3"])
+    if results["P@1"] > state.best_evaluation.get("P@1", -1.0):
+        state.best_evaluation = {"epoch": epoch + 1, **results}
         return True
     return False
 
@@ -447,112 +327,110 @@ def run(config, stop_after_epoch=None):
             torch.distributed.destroy_process_group()
 
 
-def prepare_out(config, t, out, first_epoch):
-    """The run directory (rank 0): created, cleared of what a killed run left half-written, given the
-    encoder's config and tokenizer; a resumed run's log cut back to its checkpoint's epoch."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".checkpoint*.tmp*"):
-        stale.unlink()
-    for stale in out.glob(".encoder.tmp*"):
-        shutil.rmtree(stale)
-    save_encoder(config, t.network, out)
-    if config.resume and (out / "log.jsonl").exists():
-        trim_log(out / "log.jsonl", first_epoch)
-
-
-def dry_run(xmc, t, tokens, seconds, device):
+def dry_run(xmc, state, tokens, seconds, device):
     """--dry-run, once everything is prepared: the sizes of what training would read and hold, how
     long preparing took (seconds) and the process's peak resident memory, as JSON (bench.py reads it)."""
     report = {"train_documents": len(xmc.train), "test_documents": len(xmc.test), "labels": xmc.num_labels,
-              "features": xmc.num_features, "clusters": 0 if t.clusters is None else int(t.clusters.max()) + 1,
+              "features": xmc.num_features, "clusters": 0 if state.clusters is None else int(state.clusters.max()) + 1,
               "token_cache_MB": sum(rows.nbytes for rows in (tokens or {}).values()) / 2**20,
-              "parameters": sum(p.numel() for p in t.network.parameters()), **memory_report(t.network, device),
+              "parameters": sum(p.numel() for p in state.network.parameters()), **memory_report(state.network, device),
               **seconds, "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     print("dry run: " + json.dumps(report, indent=1))
     return report
 
 
-def train_and_evaluate(config, rank, world, device, stop_after_epoch):
-    torch.manual_seed(config.seed)
-    out = Path(config.out)
-    existing = [path for path in checkpoint_files(out) if path.exists()]
-    if config.resume and not existing:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    if not config.resume and not config.dry_run and (existing or (out / "log.jsonl").exists()):
-        found = (existing or [out / "log.jsonl"])[0]
-        raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
-
-    if config.dry_run:  # first what a preset plus flags amount to, one `name = value` line per field
-        print("\n".join(f"{name} = {value!r}" for name, value in dataclasses.asdict(config).items()))
-    started = time.time()
-    source = data.locate(config.data, config.data_dir)
-    if rank > 0:  # under torchrun, rank 0 builds the caches first, then the others find them built
+def load_data(config, out, rank, world):
+    """(source, xmc, clusters, tokens, seconds): the data set and what the model reads besides it
+    (data.prepare). Under torchrun, rank 0 builds the caches first, then the others find them built."""
+    started, source = time.time(), data.locate(config.data, config.data_dir)
+    if rank > 0:
         torch.distributed.barrier()
+    max_leaf = config.max_leaf if config.aux_weight > 0 else None
     xmc, clusters, tokens, seconds = data.prepare(source, config.format, config.augment_labels,
                                                   (config.propensity_a, config.propensity_b), config.encoder,
-                                                  config.max_length, config.max_leaf if config.aux_weight > 0 else None,
-                                                  fallback=out)
+                                                  config.max_length, max_leaf, fallback=out)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     features = f"{xmc.num_features:,} features, " if xmc.num_features else ""  # a transformer needs none
     print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, {features}"
           f"{xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
-    t = build(config, source, xmc, clusters, device, rank, world)
-    if config.dry_run:
-        return dry_run(xmc, t, tokens, seconds, device)
-    tokens = tokens or {"train": None, "test": None}
-    first_epoch = 0
-    if config.resume:
-        path, state = load_latest_checkpoint(out)
-        check_compatible(path, state, t, config)
-        first_epoch = restore(t, state)
-        print(f"resumed from {path} after epoch {first_epoch} (batch {t.batch})")
-    memory = memory_report(t.network, device)
-    print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
-          f"state {memory['classifier_MB']:.1f} MB (dense: {memory['dense_classifier_MB']:.1f} MB); device {device}"
-          + (f", {world} processes" if world > 1 else ""))
+    return source, xmc, clusters, tokens or {"train": None, "test": None}, seconds
 
+
+def evaluate_test(config, state, xmc, tokens, device):
+    """P@k, nDCG@k, PSP@k on the test split (under torchrun: each rank scores a share)."""
+    test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens, rank=state.rank, world=state.world)
+    return evaluate.evaluate(state.network, xmc, test, device, world=state.world)
+
+
+def epoch_record(state, epoch, trained, evaluated, seconds, device):
+    """The epoch's line of log.jsonl: its training averages, rewiring, learning rates, memory, metrics."""
+    survived = state.last_survival if trained["rewired"] else None  # an epoch without a rewire has none
+    return {**trained, "epoch": epoch + 1, "batch": state.batches_done, "survived": survived,
+            "lr": [group["lr"] for optimizer in state.optimizers for group in optimizer.param_groups],
+            "seconds": seconds, **memory_report(state.network, device), **evaluated,
+            "best_epoch": state.best_evaluation.get("epoch"), "best_P@1": state.best_evaluation.get("P@1")}
+
+
+def train_and_evaluate(config, rank, world, device, stop_after_epoch):
+    """Set up; then per epoch: train, evaluate when due, log, checkpoint, stop when patience runs out."""
+    torch.manual_seed(config.seed)
+    out, started = Path(config.out), time.time()
+    checkpoint.check_run_directory(out, config.resume, config.dry_run)
+    if config.dry_run:  # first what a preset plus flags amount to, one `name = value` line per field
+        print("\n".join(f"{name} = {value!r}" for name, value in dataclasses.asdict(config).items()))
+    source, xmc, clusters, tokens, seconds = load_data(config, out, rank, world)
+    state = set_up(config, source, xmc, clusters, device, rank, world)
+    if config.dry_run:
+        return dry_run(xmc, state, tokens, seconds, device)
+    first_epoch = checkpoint.resume(out, state, config) if config.resume else 0
+    announce(config, state, device)
     if rank == 0:
-        prepare_out(config, t, out, first_epoch)
-    run_log = RunLog(config, out, rank)
+        checkpoint.prepare_out(config, state.network, out, first_epoch)
+    run_log = checkpoint.RunLog(config, out, rank)
     results, epoch = {}, first_epoch - 1
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
-        record = train_epoch(config, t, epoch, xmc.train, tokens["train"], device, run_log)
-        if not all(bool(torch.isfinite(p).all()) for p in t.network.parameters()):
-            raise FloatingPointError(f"non-finite weights after batch {t.batch}; the checkpoint of the epoch before "
-                                     f"is kept")
+        trained = train_epoch(config, state, epoch, xmc.train, tokens["train"], device, run_log)
+        if not all(bool(torch.isfinite(p).all()) for p in state.network.parameters()):
+            raise FloatingPointError(f"non-finite weights after batch {state.batches_done}; the checkpoint of the "
+                                     f"epoch before is kept")
         evaluated, improved = {}, False
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
-            test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens["test"], rank=rank, world=world)
-            results = evaluated = evaluate.evaluate(t.network, xmc, test, device, world=world)
-            improved = keep_best(t, epoch, evaluated)
-        record |= {"epoch": epoch + 1, "batch": t.batch, "survived": t.survived if record["rewired"] else None,
-                   "lr": [g["lr"] for optimizer in t.optimizers for g in optimizer.param_groups],
-                   "seconds": time.time() - epoch_start, **memory_report(t.network, device), **evaluated,
-                   "best_epoch": t.best.get("epoch"), "best_P@1": t.best.get("P@1")}
+            results = evaluated = evaluate_test(config, state, xmc, tokens["test"], device)
+            improved = keep_best(state, epoch, evaluated)
+        record = epoch_record(state, epoch, trained, evaluated, time.time() - epoch_start, device)
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
               f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else ""))
         run_log.write(record)
         if rank == 0:
-            state = checkpoint_state(t, epoch, config)
-            if improved:
-                save_checkpoint(out / "checkpoint.best.pt", state, keep_previous=False)
-            save_checkpoint(out / "checkpoint.pt", state)
-        if config.patience and t.stale >= config.patience:
-            print(f"early stop: test P@3 has not improved for {t.stale} evaluations")
+            checkpoint.save_epoch(out, checkpoint.checkpoint_state(state, epoch, config), best=improved)
+        if config.patience and state.evaluations_since_best_p3 >= config.patience:
+            print(f"early stop: test P@3 has not improved for {state.evaluations_since_best_p3} evaluations")
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             run_log.close()
             return results
-    print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, "
-          f"{epoch + 1} epochs in {time.time() - started:.0f}s:")
-    if results:
-        print(evaluate.table((f"last, epoch {epoch + 1}", results), (f"best P@1, epoch {t.best['epoch']}", t.best)))
-    if device.type == "cuda":
-        print(f"peak GPU memory {memory_report(t.network, device)['peak_gpu_MB']:.0f} MB")
+    report(config, state, xmc, results, epoch, time.time() - started, device)
     run_log.close()
     return results
+
+
+def announce(config, state, device):
+    memory = memory_report(state.network, device)
+    print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
+          f"state {memory['classifier_MB']:.1f} MB (dense: {memory['dense_classifier_MB']:.1f} MB); device {device}"
+          + (f", {state.world} processes" if state.world > 1 else ""))
+
+
+def report(config, state, xmc, results, epoch, seconds, device):
+    """The final table: the last epoch's metrics and the best epoch's."""
+    print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, {epoch + 1} epochs in {seconds:.0f}s:")
+    if results:
+        best = state.best_evaluation
+        print(evaluate.table((f"last, epoch {epoch + 1}", results), (f"best P@1, epoch {best['epoch']}", best)))
+    if device.type == "cuda":
+        print(f"peak GPU memory {memory_report(state.network, device)['peak_gpu_MB']:.0f} MB")
 
 
 def main():

@@ -167,16 +167,16 @@ def test_schedule_counts_batches_until_last_batch_with_cosine_decays():
     schedule = RewireSchedule(last_batch=6600, interval=800, fraction=0.2)
     due = [batch for batch in range(10_001) if schedule.due(batch)]
     assert due == list(range(800, 6601, 800))  # never at batch 0, never after last_batch
-    assert schedule.arguments(0) == schedule.arguments(6000) == {"fraction": 0.2}  # the release: constant
+    assert schedule.amount(0) == schedule.amount(6000) == (0.2, None)  # the release: constant
     cosine = RewireSchedule(last_batch=6600, interval=800, fraction=0.2, fraction_schedule="cosine")
-    assert cosine.arguments(0)["fraction"] == 0.2 and cosine.arguments(3300)["fraction"] == pytest.approx(0.1)
+    assert cosine.amount(0)[0] == 0.2 and cosine.amount(3300)[0] == pytest.approx(0.1)
     values = [cosine.cosine(batch) for batch in range(0, 6601, 100)]
     assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(0)
     threshold = RewireSchedule(last_batch=100, interval=10, threshold=0.01)  # the release: to 1e-4
-    assert threshold.arguments(0) == {"threshold": 0.01}
-    assert threshold.arguments(50)["threshold"] == pytest.approx(1e-4 + (0.01 - 1e-4) / 2)
-    assert threshold.arguments(100)["threshold"] == pytest.approx(1e-4)
-    assert RewireSchedule(last_batch=100, interval=10, threshold=0.01, threshold_floor=0).arguments(100)["threshold"] \
+    assert threshold.amount(0) == (None, 0.01)
+    assert threshold.amount(50)[1] == pytest.approx(1e-4 + (0.01 - 1e-4) / 2)
+    assert threshold.amount(100)[1] == pytest.approx(1e-4)
+    assert RewireSchedule(last_batch=100, interval=10, threshold=0.01, threshold_floor=0).amount(100)[1] \
         == pytest.approx(0)
 
 

@@ -11,6 +11,7 @@ import torch
 import data
 import evaluate
 import train
+from checkpoint import load_checkpoint
 from config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
 
     path = datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt")
     lines = [line for _, line in data.read_lines(path)][0 if name == "tiny-raw" else 1:]  # no bag-of-words header
-    predicted = evaluate.predict(evaluate.load_checkpoint(checkpoint), checkpoint.parent, lines, 3, 7, "cpu", "test")
+    predicted = evaluate.predict(load_checkpoint(checkpoint), checkpoint.parent, lines, 3, 7, "cpu", "test")
     assert len(predicted) == len(lines)
     names = xmc.label_names or [str(label) for label in range(xmc.num_labels)]
     for line, labels, scores in zip(predicted, expected_labels, expected_scores):
@@ -89,7 +90,7 @@ def test_odd_documents_have_defined_behaviour(datasets, capsys):
     assert xmc.train.bag_offsets[1] == 0 and len(xmc.train.labels_of(1)) == 0
     assert "never-trained" in xmc.label_names and xmc.num_labels == 13
     assert all(np.isfinite(value) for value in results.values())
-    state = evaluate.load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
     unknown, other_unknown, known = evaluate.predict(state, checkpoint.parent, ["", "zzz qqq", "w3a w3b"], 2, 4, "cpu",
                                                      "new")
     assert unknown == other_unknown != known and "2 documents have no known word" in capsys.readouterr().err

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import evaluate
 import model
 import config
 import train
-from config import BOW_DEFAULTS, Config, PRESETS, RELEASE_SHARED, parse_config
+from config import BOW_DEFAULTS, Config, RELEASE_SHARED, parse_config
 from conftest import SPLITS, TINY, tiny_bert, write_data_set
 
 
@@ -255,8 +256,8 @@ def test_a_run_never_overwrites_a_previous_checkpoint(tiny):
     train.run(dataclasses.replace(tiny, epochs=2))
     with pytest.raises(FileExistsError, match="checkpoint.pt exists: pass --resume"):
         train.run(dataclasses.replace(tiny, epochs=1))
-    for checkpoint in Path(tiny.out).glob("checkpoint*.pt"):
-        checkpoint.unlink()
+    for path in Path(tiny.out).glob("checkpoint*.pt"):
+        path.unlink()
     with pytest.raises(FileExistsError, match="log.jsonl exists: pass --resume"):  # nor a log
         train.run(dataclasses.replace(tiny, epochs=1))
 
@@ -287,11 +288,11 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_still_continues_exactl
 WRITER = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-import train
+import checkpoint
 from pathlib import Path
 for count in range(10**6):
     state = {"model_arguments": {}, "max_length": None, "count": count, "payload": torch.full((1 << 20,), count)}
-    train.save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", state)
+    checkpoint.save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", state)
     print(count, flush=True)
 """
 
@@ -306,7 +307,7 @@ def test_sigkill_while_writing_checkpoints_always_leaves_the_latest_complete_one
         writer.send_signal(signal.SIGKILL)
         completed = [int(line) for line in [*writer.stdout, "0"][:-1] if line.strip()]
         writer.wait()
-        path, state = train.load_latest_checkpoint(tmp_path)
+        path, state = checkpoint.load_latest_checkpoint(tmp_path)
         assert torch.equal(state["payload"], torch.full((1 << 20,), state["count"]))  # whole, not half
         assert state["count"] >= max(completed, default=0)  # and the newest one completed
 
@@ -407,10 +408,10 @@ def test_resume_with_gradient_accumulation_continues_exactly_and_keeps_the_scale
         assert torch.equal(tensor, b["model"][name]), name
     assert a["batch"] == b["batch"] == 57 and a["schedulers"][0]["last_epoch"] == 3 * 7  # optimizer steps
     clusters = torch.arange(120) % a["model_arguments"]["num_clusters"]
-    saving, restored = (train.build(tiny, "synthetic", data.synthetic(), clusters, torch.device("cpu")) for _ in "ab")
+    saving, restored = (train.set_up(tiny, "synthetic", data.synthetic(), clusters, torch.device("cpu")) for _ in "ab")
     saving.scaler = torch.amp.GradScaler("cpu", init_scale=123.0)  # enabled, as fp16 on a GPU has it
     restored.scaler = torch.amp.GradScaler("cpu", init_scale=2**12)
-    train.restore(restored, {**a, "scaler": train.checkpoint_state(saving, 0, tiny)["scaler"]})
+    checkpoint.restore(restored, {**a, "scaler": checkpoint.checkpoint_state(saving, 0, tiny)["scaler"]})
     assert restored.scaler.state_dict()["scale"] == 123.0
 
 
@@ -441,7 +442,7 @@ def test_the_best_epoch_is_kept_and_logged_and_unevaluated_epochs_log_no_metrics
 def test_compile_compiles_the_encoder_in_place(tiny, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
-    t = train.build(dataclasses.replace(tiny, compile=True), "synthetic", data.synthetic(), None, torch.device("cpu"))
+    t = train.set_up(dataclasses.replace(tiny, compile=True), "synthetic", data.synthetic(), None, torch.device("cpu"))
     assert compiled == ["BagOfWordsEncoder"] and "encoder.embedding.weight" in t.network.state_dict()
 
 
@@ -484,7 +485,7 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     network, xmc, batches = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
     monkeypatch.undo()
-    state = evaluate.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert evaluate.predict(state, tmp_path / "run", ["red apple", "blue sea"], 2, 8, "cpu", "new")[0].split()[0] \
         .split(":")[0] in xmc.label_names
 

@@ -17,8 +17,8 @@ from config import parse_config  # noqa: E402
 
 data.synthetic = functools.partial(data.synthetic, **TINY)
 built = []
-build, train_and_evaluate = train.build, train.train_and_evaluate
-train.build = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
+build, train_and_evaluate = train.set_up, train.train_and_evaluate
+train.set_up = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
 
 
 def train_and_save(config, *args):

@@ -1,0 +1,235 @@
+"""Run directories, checkpoints and the run log: the plumbing beside train.py (a paper reader can
+skip this file). Everything a run writes goes through here, atomically, and evaluate.py and plot.py
+read it back through here.
+
+A run directory <out>/ holds
+  checkpoint.pt           the newest epoch's state; --resume continues from it exactly
+  checkpoint.previous.pt  the one before (--resume falls back to it if the newest is damaged)
+  checkpoint.best.pt      the epoch of best test P@1
+  log.jsonl               a JSON line per epoch (and per --log-every batches, "kind": "step")
+  encoder/                a transformer's config and tokenizer (evaluate.py rebuilds from them)
+
+A checkpoint is a dict (torch.save; read with weights_only=True). Written by train.py
+(`checkpoint_state`); read back by train.py --resume (`restore`, `check_compatible`), by evaluate.py
+(evaluation and --predict) and by plot.py:
+  model            the network's state dict                         resume, evaluate, plot
+  optimizers       [encoder's, classifier's] optimizer state dicts  resume
+  schedulers       their learning-rate schedulers' state dicts      resume
+  scaler           the fp16 gradient scaler's state                 resume
+  epoch, batch     the last epoch done (0-based), training batches done       resume
+  regrown          slots regrown by the last rewire (its survival rate)      resume
+  best             the evaluation of best test P@1, with its epoch           resume
+  best_p3, stale   early stopping: best test P@3, evaluations since it       resume
+  config           every Config field of the run                             (a record)
+  model_arguments  model.build's arguments                          resume (compatibility), evaluate, plot
+  inputs           label_names, and a bag-of-words model of raw text's vocabulary and idf   evaluate
+  label_counts     training documents per label                                plot (head vs tail)
+  max_length       tokens per document (None: the bag-of-words encoder)       evaluate
+  data_arguments   data.load's arguments (source folder, format, ...)         evaluate
+"""
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+import data
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory.
+
+def check_run_directory(out, resume, dry_run):
+    """Refuse, before any work, to start a run over another run's files, or to resume from nothing."""
+    existing = [path for path in checkpoint_files(out) if path.exists()]
+    if resume and not existing:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if not resume and not dry_run and (existing or (out / "log.jsonl").exists()):
+        found = (existing or [out / "log.jsonl"])[0]
+        raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
+
+
+def prepare_out(config, network, out, first_epoch):
+    """The run directory (rank 0): created, cleared of what a killed run left half-written, given the
+    encoder's config and tokenizer; a resumed run's log cut back to its checkpoint's epoch."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".checkpoint*.tmp*"):
+        stale.unlink()
+    for stale in out.glob(".encoder.tmp*"):
+        shutil.rmtree(stale)
+    save_encoder(config, network, out)
+    if config.resume and (out / "log.jsonl").exists():
+        trim_log(out / "log.jsonl", first_epoch)
+
+
+def save_encoder(config, network, out):
+    """A transformer's config and tokenizer, into <out>/encoder (written whole, then renamed):
+    evaluate.py and --predict rebuild the model from them and the checkpoint's weights, with no
+    model hub and no original folder."""
+    folder = out / "encoder"
+    if config.encoder == "bow" or folder.exists():
+        return
+    temporary = out / f".encoder.tmp{os.getpid()}"
+    data.load_tokenizer(config.encoder).save_pretrained(temporary)
+    network.encoder.transformer.config.save_pretrained(temporary)
+    os.replace(temporary, folder)
+
+
+def encoder_folder(run):
+    """<run>/encoder: a transformer's config and tokenizer, which train.py saves beside its checkpoints."""
+    folder = Path(run) / "encoder"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is missing: train.py saves the encoder's config and tokenizer there, "
+                                f"beside the checkpoints; keep the run's folder together")
+    return str(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def checkpoint_files(out):
+    """Newest first: the order in which --resume tries them."""
+    return [Path(out) / "checkpoint.pt", Path(out) / "checkpoint.previous.pt"]
+
+
+def save_checkpoint(path, saved, keep_previous=True):
+    """Write to a temporary file and flush it to disk; then the current checkpoint becomes the
+    previous one (keep_previous), and the temporary file the current one (renames are atomic). A
+    kill at any moment leaves at least one complete checkpoint and never half of one; between the
+    two renames only the previous one exists, and --resume falls back to it."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as f:
+        torch.save(saved, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, checkpoint_files(path.parent)[1])
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the renames themselves durable
+    os.fsync(directory)
+    os.close(directory)
+
+
+def save_epoch(out, saved, best):
+    """An epoch's checkpoint: checkpoint.pt (the one before kept as checkpoint.previous.pt), and
+    checkpoint.best.pt too when the epoch is the best so far."""
+    if best:
+        save_checkpoint(out / "checkpoint.best.pt", saved, keep_previous=False)
+    save_checkpoint(out / "checkpoint.pt", saved)
+
+
+def resume(out, state, config):
+    """--resume: the newest readable checkpoint of the same model and data, restored into `state`;
+    returns the epoch to continue with."""
+    path, saved = load_latest_checkpoint(out)
+    check_compatible(path, saved, state, config)
+    first_epoch = restore(state, saved)
+    print(f"resumed from {path} after epoch {first_epoch} (batch {state.batches_done})")
+    return first_epoch
+
+
+def load_latest_checkpoint(out):
+    """(path, saved) of the newest checkpoint in `out` that loads."""
+    for path in checkpoint_files(out):
+        if path.exists():
+            try:
+                return path, load_checkpoint(path)
+            except ValueError as error:
+                print(f"warning: {error}; skipped")
+    raise FileNotFoundError(f"--resume: no readable checkpoint in {out}")
+
+
+def checkpoint_state(state, epoch, config):
+    """The checkpoint of a train.TrainingState after `epoch` (the keys: this module's docstring)."""
+    return {"model": state.network.state_dict(), "optimizers": [o.state_dict() for o in state.optimizers],
+            "schedulers": [s.state_dict() for s in state.schedulers], "scaler": state.scaler.state_dict(),
+            "epoch": epoch, "batch": state.batches_done, "regrown": state.last_regrown,
+            "best": state.best_evaluation, "best_p3": state.best_p3,
+            "stale": state.evaluations_since_best_p3, "config": dataclasses.asdict(config), **state.rebuild}
+
+
+def check_compatible(path, saved, state, config):
+    """Refuse a checkpoint of another model or data set in one line (other options may change)."""
+    ignored = ("backend",)  # how the layer is computed, not what it is
+    old = {**saved["model_arguments"], "data": saved["data_arguments"].get("source")}
+    new = {**state.rebuild["model_arguments"], "data": state.rebuild["data_arguments"]["source"]}
+    different = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k not in ignored and old.get(k) != v]
+    if different:
+        raise ValueError(f"{path} belongs to another model: {'; '.join(different)}. Resume with the options "
+                         f"it was trained with, or start a new run with another --out")
+
+
+def trim_log(path, last_epoch):
+    """Keep the records of epochs up to `last_epoch`, rewritten atomically: a fallback to an older
+    checkpoint leaves later ones, a kill during a write half a line."""
+    def wanted(line):
+        try:
+            return json.loads(line)["epoch"] <= last_epoch
+        except (ValueError, KeyError, TypeError):
+            return False
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text("".join(line + "\n" for line in path.read_text().splitlines() if wanted(line)))
+    os.replace(temporary, path)
+
+
+def restore(state, saved):
+    """The inverse of checkpoint_state; returns the epoch to continue with."""
+    state.network.load_state_dict(saved["model"])
+    for objects, key in ((state.optimizers, "optimizers"), (state.schedulers, "schedulers")):
+        for thing, entry in zip(objects, saved[key]):
+            thing.load_state_dict(entry)
+    state.scaler.load_state_dict(saved["scaler"])
+    state.batches_done, state.last_regrown = saved["batch"], saved["regrown"]
+    state.best_evaluation, state.best_p3, state.evaluations_since_best_p3 = (saved["best"], saved["best_p3"],
+                                                                                       saved["stale"])
+    if state.last_regrown is not None:  # saved from the GPU, loaded to the CPU (map_location): back beside the weights
+        state.last_regrown = state.last_regrown.to(next(state.network.parameters()).device)
+    return saved["epoch"] + 1
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py, on the CPU; a missing, damaged, foreign or outdated file
+    is a one-line error."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as error:  # a damaged or foreign file fails in many ways (zip, pickle, EOF, index errors)
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(saved, dict) or "model_arguments" not in saved:
+        raise ValueError(f"{path} is not a checkpoint written by train.py")
+    if "max_length" not in saved:
+        raise ValueError(f"{path} was written by an older train.py, whose checkpoints this one cannot rebuild")
+    return saved
+
+
+# ---------------------------------------------------------------------------------------------
+# The run log.
+
+class RunLog:
+    """The run's records (rank 0): appended to <out>/log.jsonl and, with --wandb, sent to Weights &
+    Biases (imported only then). Epoch records as they always were; step records carry "kind": "step"."""
+
+    def __init__(self, config, out, rank):
+        self.path = out / "log.jsonl" if rank == 0 else None
+        self.wandb = None
+        if rank == 0 and config.wandb:
+            import wandb  # noqa: only when asked (Config checked that it is installed)
+            self.wandb = wandb.init(project=config.wandb_project, name=config.wandb_name or None,
+                                    config=dataclasses.asdict(config))
+
+    def write(self, record):
+        if self.path is None:
+            return
+        with open(self.path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log({("step/" if record.get("kind") == "step" else "") + k: v for k, v in numbers.items()},
+                           step=record["batch"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
