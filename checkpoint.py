@@ -25,7 +25,7 @@ A checkpoint is a dict (torch.save; read with weights_only=True). Written by tra
   inputs           label_names, and a bag-of-words model of raw text's vocabulary and idf   evaluate
   label_counts     training documents per label                                plot (head vs tail)
   max_length       tokens per document (None: the bag-of-words encoder)       evaluate
-  data_arguments   data.load's arguments (source folder, format, ...)         evaluate
+  data_arguments   xc_files.load's arguments (source folder, format, ...)         evaluate
 """
 import dataclasses
 import json
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-import data
+import xc_files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def save_encoder(config, network, out):
     if config.encoder == "bow" or folder.exists():
         return
     temporary = out / f".encoder.tmp{os.getpid()}"
-    data.load_tokenizer(config.encoder).save_pretrained(temporary)
+    xc_files.load_tokenizer(config.encoder).save_pretrained(temporary)
     network.encoder.transformer.config.save_pretrained(temporary)
     os.replace(temporary, folder)
 

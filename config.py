@@ -13,10 +13,10 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
-import data
 import dst
 import model
 import sparse_layer
+import xc_files
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Config:
     wandb_name: str = ""  # the run's name there (default: wandb's own)
 
     def __post_init__(self):
-        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *data.LAYOUTS),
+        choices = {"loss": tuple(model.LOSSES), "precision": ("bf16", "fp16", "fp32"), "format": ("auto", *xc_files.LAYOUTS),
                    "device": ("auto", "cpu", "cuda"), "pooling": ("cls", "mean"), "backend": sparse_layer.BACKENDS,
                    "intermediate_activation": tuple(model.ACTIVATIONS), "encoder_optimizer": ("adamw", "adam"),
                    "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
@@ -167,7 +167,7 @@ PRESETS["synthetic"] = {}  # Config's defaults
 def folder_defaults(folder, given):
     """A folder without a preset: its layout, found from its files, and the defaults for it."""
     transformer = given.get("encoder", Config.encoder) != "bow"
-    layout, _ = data.detect(data.locate(folder), given.get("format", "auto"), prefer_text=transformer)
+    layout, _ = xc_files.detect(xc_files.locate(folder), given.get("format", "auto"), prefer_text=transformer)
     if not transformer:
         return dict(BOW_DEFAULTS, format=layout)
     lf = dict(max_length=32, pooling="mean") if layout == "lf" else {}
@@ -186,4 +186,4 @@ def parse_config(argv=None):
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     name = given.get("data", Config.data)
     config = Config(**{**(PRESETS[name] if name in PRESETS else folder_defaults(name, given)), **given})
-    return dataclasses.replace(config, out=config.out or f"runs/{data.name_of(config.data)}")
+    return dataclasses.replace(config, out=config.out or f"runs/{xc_files.name_of(config.data)}")

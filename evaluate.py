@@ -25,6 +25,7 @@ import torch
 
 import data
 import model
+import xc_files
 from checkpoint import encoder_folder, load_checkpoint
 
 KS = (1, 3, 5)
@@ -126,13 +127,13 @@ def load_for_evaluation(path, batch_size, device):
     """The model of a checkpoint written by train.py, its data set and test batches (bags of words
     through the checkpoint's vocabulary, or tokens from the cache training built)."""
     state, run = load_checkpoint(path), Path(path).parent
-    xmc = data.load(**state["data_arguments"])
+    xmc = xc_files.load(**state["data_arguments"])
     inputs, tokens = state["inputs"], None
     if state["max_length"] is None:
         idf = None if inputs["idf"] is None else inputs["idf"].numpy()
         data.attach_bags(xmc, ("test",), inputs["vocabulary"], idf)
     else:
-        tokens = data.token_cache(xmc.test, encoder_folder(run), state["max_length"], data.cache_dir(xmc, run))
+        tokens = xc_files.token_cache(xmc.test, encoder_folder(run), state["max_length"], xc_files.cache_dir(xmc, run))
     return load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
 
 
@@ -144,7 +145,7 @@ def predict(state, run, lines, k, batch_size, device, where):
     inputs, shape = state["inputs"], state["model_arguments"]
     if state["max_length"] is None:  # a bag-of-words model: bags through its vocabulary, or f:v lines
         idf = None if inputs["idf"] is None else inputs["idf"].numpy()
-        split, tokens = data.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"], idf,
+        split, tokens = xc_files.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"], idf,
                                        where), None
         empty = int((np.diff(split.bag_offsets) == 0).sum())
         if empty:
@@ -152,7 +153,7 @@ def predict(state, run, lines, k, batch_size, device, where):
                   f"alone", file=sys.stderr)
     else:  # a transformer reads the texts through the run's own tokenizer
         split = data.Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), texts=lines)
-        tokens = data.tokenize(lines, data.load_tokenizer(encoder_folder(run)), state["max_length"])
+        tokens = xc_files.tokenize(lines, xc_files.load_tokenizer(encoder_folder(run)), state["max_length"])
     network = load_model(state, device, run)
     labels, scores = predict_top_k(network, data.batches(split, batch_size, tokens=tokens), k, device)
     names = inputs["label_names"] or range(shape["num_labels"])
@@ -176,7 +177,7 @@ def main():
         if args.predict:
             state = load_checkpoint(args.checkpoint)
             where = "<stdin>" if args.predict == "-" else args.predict
-            lines = [line for _, line in data.read_lines("/dev/stdin" if args.predict == "-" else args.predict)]
+            lines = [line for _, line in xc_files.read_lines("/dev/stdin" if args.predict == "-" else args.predict)]
             run = Path(args.checkpoint).parent
             for line in predict(state, run, lines, args.top_k, args.batch_size, args.device, where):
                 print(line)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import xc_files
 
 SHAPES = {  # train documents, test documents, labels, labels per document, words per document
     "amazon670k": (490_449, 153_025, 670_091, 5.45, 150),
@@ -106,7 +107,7 @@ def parse_args():
 def main():
     args = parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="xmc-scale-"))
-    folder = workdir / data.FOLDERS[args.shape]
+    folder = workdir / xc_files.FOLDERS[args.shape]
     started = time.time()
     sizes = write_shaped_data_set(folder, args.shape, args.scale, Path(args.encoder) / "vocab.txt", args.documents)
     disk = sum(f.stat().st_size for f in folder.iterdir()) / 2**30

@@ -11,7 +11,7 @@ One training step, top to bottom (see `train_step`, called for every batch):
      classifier's), their learning rates (`warmup_then_cosine`);
   4. every rewire_interval batches during the first rewire_end of the epochs: a SET rewire of the
      classifier (dst.py).
-Before the first step, `data.prepare` reads the data set and builds what training reads besides:
+Before the first step, `xc_files.prepare` reads the data set and builds what training reads besides:
 bags of words, label clusters, token-id caches (kept next to the data for later runs; --dry-run
 stops there and reports the configuration, sizes and peak memory). Every eval_every epochs: P@k /
 nDCG@k / PSP@k on the test split, the best test P@1 kept in <out>/checkpoint.best.pt, and with
@@ -45,11 +45,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dst
-import checkpoint
 import evaluate
 import model
+import xc_files
 from config import parse_config
 
 
@@ -341,12 +342,12 @@ def dry_run(xmc, state, tokens, seconds, device):
 
 def load_data(config, out, rank, world):
     """(source, xmc, clusters, tokens, seconds): the data set and what the model reads besides it
-    (data.prepare). Under torchrun, rank 0 builds the caches first, then the others find them built."""
-    started, source = time.time(), data.locate(config.data, config.data_dir)
+    (xc_files.prepare). Under torchrun, rank 0 builds the caches first, then the others find them built."""
+    started, source = time.time(), xc_files.locate(config.data, config.data_dir)
     if rank > 0:
         torch.distributed.barrier()
     max_leaf = config.max_leaf if config.aux_weight > 0 else None
-    xmc, clusters, tokens, seconds = data.prepare(source, config.format, config.augment_labels,
+    xmc, clusters, tokens, seconds = xc_files.prepare(source, config.format, config.augment_labels,
                                                   (config.propensity_a, config.propensity_b), config.encoder,
                                                   config.max_length, max_leaf, fallback=out)
     if rank == 0 and world > 1:

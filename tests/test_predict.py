@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import xc_files
 import evaluate
 import train
 from checkpoint import load_checkpoint
@@ -67,7 +68,7 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
     expected_labels, expected_scores = evaluate.predict_top_k(network, batches, 3, "cpu")
 
     path = datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt")
-    lines = [line for _, line in data.read_lines(path)][0 if name == "tiny-raw" else 1:]  # no bag-of-words header
+    lines = [line for _, line in xc_files.read_lines(path)][0 if name == "tiny-raw" else 1:]  # no bag-of-words header
     predicted = evaluate.predict(load_checkpoint(checkpoint), checkpoint.parent, lines, 3, 7, "cpu", "test")
     assert len(predicted) == len(lines)
     names = xmc.label_names or [str(label) for label in range(xmc.num_labels)]
@@ -85,7 +86,7 @@ def test_odd_documents_have_defined_behaviour(datasets, capsys):
     so). A new document with no known word is scored from the biases alone, and said so."""
     checkpoint, results = trained(datasets, "tiny-raw")
     assert "1 labels have no training document" in capsys.readouterr().out
-    xmc = data.load(datasets / "data" / "raw")
+    xmc = xc_files.load(datasets / "data" / "raw")
     data.attach_bags(xmc)
     assert xmc.train.bag_offsets[1] == 0 and len(xmc.train.labels_of(1)) == 0
     assert "never-trained" in xmc.label_names and xmc.num_labels == 13

@@ -1,13 +1,11 @@
-"""End to end on a tiny generated data set: losses, training, checkpoints and exact resume."""
+"""train.py end to end on tiny data sets: training lowers the loss, exact resume (also with gradient
+accumulation and after a damaged checkpoint), the two optimizers and their schedules, non-finite
+losses and weights, step records, transformers on raw text, one-line errors of the command line."""
 import dataclasses
 import functools
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,11 @@ import checkpoint
 import data
 import evaluate
 import model
-import config
 import train
-from config import BOW_DEFAULTS, Config, RELEASE_SHARED, parse_config
+import xc_files
+from config import Config, parse_config
 from conftest import SPLITS, TINY, tiny_bert, write_data_set
+from test_config import PAPER
 
 
 @pytest.fixture
@@ -31,195 +30,11 @@ def tiny(monkeypatch, tmp_path):
                   warmup_steps=5, lr_encoder=1e-3, rewire_interval=10, aux_weight=0.4, aux_epochs=2, max_leaf=20)
 
 
-def dense_labels(scores, rows, labels):
-    y = torch.zeros_like(scores)
-    y[rows, labels] = 1
-    return y
-
-
-DENSE_LOSSES = {  # float64, from a dense 0/1 label matrix: the definitions the chunked losses must match
-    "squared_hinge": lambda s, y: torch.relu(1 - (2 * y - 1) * s).square().mean(),
-    "bce": lambda s, y: torch.nn.functional.binary_cross_entropy_with_logits(s, y, reduction="sum"),
-    "bce_mean": lambda s, y: torch.nn.functional.binary_cross_entropy_with_logits(s, y),
-}
-
-
-@pytest.mark.parametrize("name", list(DENSE_LOSSES))
-@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])  # elements per label chunk: one label a chunk, uneven, all
-@pytest.mark.parametrize("dtype, transposed", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
-def test_chunked_losses_match_dense_definitions_in_value_and_gradient(monkeypatch, name, chunk, dtype, transposed):
-    monkeypatch.setitem(model.LOSS_CHUNK_ELEMENTS, "cpu", chunk)
-    generator = torch.Generator().manual_seed(1)
-    scores = (torch.randn(13, 6, generator=generator) * 2).to(dtype).T if transposed else \
-        (torch.randn(6, 13, generator=generator) * 2).to(dtype)  # transposed: a [B, L] view of [L, B], as the layer gives
-    rows, labels = torch.tensor([0, 0, 2, 5, 5]), torch.tensor([1, 4, 12, 0, 3])
-    scores = scores.detach().requires_grad_()
-    loss = model.LOSSES[name](scores, rows, labels)
-    loss.backward()
-    s64 = scores.detach().double().requires_grad_()
-    expected = DENSE_LOSSES[name](s64, dense_labels(s64, rows, labels))
-    expected.backward()
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(loss.double(), expected.detach(), rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(scores.grad.double(), s64.grad, rtol=tolerance, atol=tolerance * float(s64.grad.abs().max()))
-    assert scores.grad.stride() == scores.stride()  # no transposing copy for the layer's backward
-
-
-def test_chunked_loss_refuses_a_second_backward():
-    scores = torch.randn(2, 3, requires_grad=True)
-    loss = model.squared_hinge(scores, torch.tensor([0]), torch.tensor([1]))
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass"):
-        loss.backward()
-
-
-def test_losses_match_their_dense_definitions():
-    generator = torch.Generator().manual_seed(0)
-    scores = torch.randn(6, 9, generator=generator) * 2
-    rows, labels = torch.tensor([0, 0, 2, 5]), torch.tensor([1, 4, 8, 0])
-    y = dense_labels(scores, rows, labels)
-    signs = 2 * y - 1
-    torch.testing.assert_close(model.squared_hinge(scores, rows, labels), torch.relu(1 - signs * scores).square().mean())
-    torch.testing.assert_close(model.bce(scores, rows, labels),  # the release's: a sum
-                               torch.nn.functional.binary_cross_entropy_with_logits(scores, y, reduction="sum"))
-    torch.testing.assert_close(model.bce_mean(scores, rows, labels),
-                               torch.nn.functional.binary_cross_entropy_with_logits(scores, y))
-    clusters = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
-    meta = torch.randn(6, 4, generator=generator)
-    expected_targets = torch.zeros(6, 4)
-    expected_targets[0, 0] = expected_targets[0, 2] = expected_targets[2, 3] = expected_targets[5, 0] = 1
-    torch.testing.assert_close(model.meta_loss(meta, rows, labels, clusters),
-                               torch.nn.functional.binary_cross_entropy_with_logits(meta, expected_targets))
-
-
 def test_aux_weight_decays_by_cosine_then_stops():
     config = Config(aux_weight=0.4, aux_epochs=15)
     assert train.aux_weight(config, 0) == pytest.approx(0.4)
     assert train.aux_weight(config, 7.5) == pytest.approx(0.2)
     assert train.aux_weight(config, 15) == 0.0 and train.aux_weight(config, 40) == 0.0
-
-
-def test_presets_and_command_line_overrides():
-    config = parse_config(["--data", "amazon670k", "--fan-in", "64", "--no-sparse"])
-    assert (config.encoder, config.batch_size, config.rewire_interval) == ("bert-base-uncased", 64, 800)
-    assert (config.fan_in, config.sparse, config.out, config.format) == (64, False, "runs/amazon670k", "raw")
-    assert parse_config([]).data == "synthetic"
-
-
-# The official release's recipe, value by value, as ../shared/reference/official-release.md gives it
-# (xmc-aalto/NeurIPS24-dst, config/dataset/*.yaml), in Config's terms: one column of the table per data set.
-RELEASE_TABLE = {
-    "encoder": ["bert-base-uncased"] * 4 + ["sentence-transformers/msmarco-distilbert-base-v4",
-                                            "sentence-transformers/paraphrase-distilroberta-base-v2"],
-    "pooling": ["mean", "mean", "cls", "cls", "mean", "mean"],
-    "max_length": [128, 128, 128, 128, 32, 32],
-    "dropout": [0.6, 0.5, 0.6, 0.35, 0.7, 0.55],
-    "batch_size": [32, 128, 64, 128, 512, 128],
-    "grad_accum": [1, 1, 1, 2, 1, 1],
-    "epochs": [100, 50, 110, 51, 100, 101],
-    "intermediate": [4096, 0, 0, 0, 0, 0],
-    "intermediate_activation": ["none"] * 6,
-    "fan_in": [64, 128, 128, 128, 128, 128],
-    "rewire_threshold": [0.01, 0.05, 0.01, 0.0, 0.0, 0.02],  # 0: fraction mode
-    "rewire_interval": [300, 600, 800, 1500, 1000, 800],
-    "rewire_end": [0.66] * 6,
-    "aux_weight": [0.0, 0.4, 0.4, 0.0, 0.4, 0.0],
-    "loss": ["squared_hinge"] * 4 + ["bce", "squared_hinge"],
-    "encoder_optimizer": ["adamw"] * 4 + ["adam", "adamw"],
-    "lr_encoder": [1e-5, 5e-5, 1e-5, 5e-5, 1e-5, 2e-4],
-    "classifier_optimizer": ["adamw"] * 4 + ["sgd", "adamw"],
-    "lr_classifier": [0.01, 0.05, 0.01, 0.05, 0.08, 0.01],
-    "weight_decay_encoder": [0.01] * 5 + [1e-3],
-    "weight_decay_classifier": [1e-4] * 6,
-    "warmup_steps": [1000, 1000, 1000, 10000, 5000, 5000],
-    "lr_schedule_length": ["steps"] * 3 + ["batches"] + ["steps"] * 2,  # the cosine sized in batches: same with grad_accum 1
-    "precision": ["fp16"] * 6,
-    "seed": [42] * 6,
-    # the release's rewiring semantics, evaluation every epoch, early stopping on P@3 after 25
-    "rewire_scope": ["global"] * 6, "rewire_fraction_schedule": ["constant"] * 6,
-    "rewire_threshold_floor": [1e-4] * 6, "rewire_row_cap": [0.0] * 6, "rewire_reset_state": [False] * 6,
-    "eval_every": [1] * 6, "patience": [25] * 6,
-}
-RELEASE_ONLY_WHERE_USED = {  # values that only matter in one mode (fraction, meta lr, ...): None where unused
-    "rewire_fraction": [None, None, None, 0.25, 0.15, None],
-    "aux_epochs": [None, 8, 15, None, 12, None],
-    "lr_meta": [None, 5e-4, 5e-4, None, 5e-4, None],
-    "lr_intermediate": [1e-2, None, None, None, None, None],
-}
-PAPER = ["wiki10-31k", "wiki500k", "amazon670k", "amazon3m", "lf-amazontitles-131k", "lf-wikiseealso-320k"]
-
-
-@pytest.mark.parametrize("column, name", list(enumerate(PAPER)))
-def test_paper_presets_are_the_release_recipe(column, name):
-    config = parse_config(["--data", name])
-    for field, values in {**RELEASE_TABLE, **RELEASE_ONLY_WHERE_USED}.items():
-        if values[column] is not None:
-            assert getattr(config, field) == values[column], f"{name}: {field}"
-    assert config.augment_labels == name.startswith("lf-")  # the release augments its LF data sets
-
-
-PRESET_ROWS = ["encoder", "format", "pooling", "max_length", "dropout", "batch_size", "grad_accum", "epochs",
-               "intermediate", "fan_in", "rewire_threshold", "rewire_fraction", "rewire_interval", "aux_weight",
-               "aux_epochs", "loss", "encoder_optimizer", "lr_encoder", "lr_meta", "lr_intermediate",
-               "classifier_optimizer", "lr_classifier", "weight_decay_encoder", "warmup_steps"]
-
-
-def preset_table():
-    """The README's table of the paper presets, rendered from PRESETS (a value the preset
-    does not use is shown as -)."""
-    unused = {"rewire_fraction": lambda c: c.rewire_threshold > 0, "aux_epochs": lambda c: c.aux_weight == 0,
-              "lr_meta": lambda c: c.aux_weight == 0, "lr_intermediate": lambda c: c.intermediate == 0}
-    configs = [parse_config(["--data", name]) for name in PAPER]
-    lines = ["| `--data` | " + " | ".join(f"`{name}`" for name in PAPER) + " |", "|---" * (len(PAPER) + 1) + "|"]
-    for row in PRESET_ROWS:
-        cells = ["-" if unused.get(row, lambda c: False)(c)
-                 else str(getattr(c, row)).removeprefix("sentence-transformers/") for c in configs]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    shared = [f"`{name}={getattr(configs[0], name)}`" for name in RELEASE_SHARED
-              if name not in PRESET_ROWS and len({getattr(c, name) for c in configs}) == 1]
-    return "\n".join(lines) + "\n\n" + textwrap.fill("Shared by all six: " + ", ".join(shared) + ".", 100)
-
-
-def test_the_readme_shows_the_presets_as_they_are():
-    assert preset_table() in (Path(train.__file__).parent / "README.md").read_text()
-
-
-# The release's PSP constants A, B (../shared/reference/official-release.md), and Delicious's default.
-PROPENSITIES = {"wiki10-31k": (0.5, 0.4), "wiki500k": (0.5, 0.4), "amazon670k": (0.6, 2.6), "amazon3m": (0.6, 2.6),
-                "lf-amazontitles-131k": (0.6, 2.6), "lf-wikiseealso-320k": (0.5, 0.4), "delicious": (0.55, 1.5)}
-
-
-def test_presets_carry_their_data_sets_propensity_constants_and_layouts():
-    for name, expected in PROPENSITIES.items():
-        config = parse_config(["--data", name])
-        assert (config.propensity_a, config.propensity_b) == expected, name
-        assert config.format == ("lf" if name.startswith("lf-") else "bow" if name == "delicious" else "raw")
-    assert parse_config(["--data", "lf-amazontitles-131k"]).augment_labels
-    assert parse_config(["--data", "wiki500k", "--propensity-a", "0.55"]).propensity_a == 0.55
-
-
-def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):
-    bow = write_data_set(tmp_path / "EURLex-Tiny", "bow", SPLITS)
-    config = parse_config(["--data", str(bow)])
-    assert (config.format, config.encoder, config.out) == ("bow", "bow", "runs/EURLex-Tiny")
-    assert {k: getattr(config, k) for k in BOW_DEFAULTS} == BOW_DEFAULTS
-    raw = write_data_set(tmp_path / "Raw", "raw", SPLITS)
-    assert parse_config(["--data", str(raw)]).format == "raw"  # texts, read by the bag-of-words encoder
-    config = parse_config(["--data", str(raw), "--encoder", "some/bert"])
-    assert (config.format, config.max_length, config.lr_encoder) == ("raw", 128, 1e-5)
-    lf = write_data_set(tmp_path / "LF", "lf", SPLITS)
-    assert parse_config(["--data", str(lf), "--encoder", "some/bert"]).max_length == 32
-    with pytest.raises(ValueError, match="holds bags of words only"):
-        train.run(parse_config(["--data", str(bow), "--encoder", "some/bert", "--dry-run", "--out",
-                                      str(tmp_path / "run")]))
-    with pytest.raises(data.DataError, match="no data set at"):
-        parse_config(["--data", str(tmp_path / "nothing/here")])
-
-
-@pytest.mark.skipif(not (train.Path(__file__).parents[2] / "shared/data/delicious").is_dir(), reason="no ../shared")
-def test_the_shared_delicious_folder_needs_no_other_flag():
-    config = parse_config(["--data", str(train.Path(__file__).parents[2] / "shared/data/delicious")])
-    assert config.format == "bow" and {k: getattr(config, k) for k in BOW_DEFAULTS} == BOW_DEFAULTS
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -283,33 +98,6 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_still_continues_exactl
         assert torch.equal(tensor, b["model"][name]), name
     logs = [[json.loads(line) for line in open(Path(run.out) / "log.jsonl")] for run in (straight, damaged)]
     assert [r["epoch"] for r in logs[1]] == [1, 2, 3] and [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
-
-
-WRITER = """
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-import checkpoint
-from pathlib import Path
-for count in range(10**6):
-    state = {"model_arguments": {}, "max_length": None, "count": count, "payload": torch.full((1 << 20,), count)}
-    checkpoint.save_checkpoint(Path(sys.argv[1]) / "checkpoint.pt", state)
-    print(count, flush=True)
-"""
-
-
-def test_sigkill_while_writing_checkpoints_always_leaves_the_latest_complete_one(tmp_path):
-    generator = np.random.default_rng(0)
-    for attempt in range(6):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(Path(train.__file__).parent)],
-                                  stdout=subprocess.PIPE, text=True)
-        assert writer.stdout.readline()  # at least one checkpoint was completed
-        time.sleep(generator.uniform(0, 0.5))
-        writer.send_signal(signal.SIGKILL)
-        completed = [int(line) for line in [*writer.stdout, "0"][:-1] if line.strip()]
-        writer.wait()
-        path, state = checkpoint.load_latest_checkpoint(tmp_path)
-        assert torch.equal(state["payload"], torch.full((1 << 20,), state["count"]))  # whole, not half
-        assert state["count"] >= max(completed, default=0)  # and the newest one completed
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny):
@@ -481,7 +269,7 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     assert 0 <= results["P@1"] <= 100
     assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
     shutil.rmtree(encoder)
-    monkeypatch.setattr(data, "encode", None)  # evaluation must not tokenise again
+    monkeypatch.setattr(xc_files, "encode", None)  # evaluation must not tokenise again
     network, xmc, batches = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
     monkeypatch.undo()
@@ -503,17 +291,9 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
     assert json.loads(printed.split("dry run: ")[-1]) == report
     fields = dict(line.split(" = ", 1) for line in printed.splitlines() if " = " in line)  # the resolved config
     assert fields == {f.name: repr(getattr(run, f.name)) for f in dataclasses.fields(run)}
-    monkeypatch.setattr(data, "encode", None)  # a second start, with another --out, finds both caches
+    monkeypatch.setattr(xc_files, "encode", None)  # a second start, with another --out, finds both caches
     monkeypatch.setattr(data, "cluster_labels", None)
     assert train.run(dataclasses.replace(run, out=str(tmp_path / "other")))["clusters"] == report["clusters"]
-
-
-@pytest.mark.parametrize("argv, message", [(["--loss", "hinge"], "--loss must be one of"),
-                                           (["--epochs", "0"], "--epochs must be at least 1"),
-                                           (["--precision", "int8"], "--precision")])
-def test_bad_options_are_refused_in_one_line(argv, message):
-    with pytest.raises(ValueError, match=message):
-        parse_config(argv)
 
 
 def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, tmp_path):
@@ -550,12 +330,6 @@ def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, t
     assert [r["epoch"] for r in logs[0] if "kind" not in r] == [1, 2, 3]  # the epoch records as before
     same = lambda log: [(r.get("kind"), r["epoch"], r["batch"], r["loss"]) for r in log]
     assert same(logs[0]) == same(logs[1])
-
-
-def test_wandb_without_the_package_is_a_one_line_error(monkeypatch):
-    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match=r"^--wandb needs the wandb package: pip install wandb"):
-        parse_config(["--wandb"])
 
 
 def run_main(monkeypatch, argv):
@@ -632,10 +406,3 @@ def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilbe
         assert sorted(n for n in decayed if "norm" in n.lower()) == sorted(decayed_norms), no_decay
         assert "encoder.transformer.embeddings.LayerNorm.weight" in exempt
         assert all(n.endswith("bias") for n in exempt if "norm" not in n.lower())
-
-
-def test_a_fan_in_wider_than_the_classifiers_inputs_is_refused_not_clamped():
-    with pytest.raises(ValueError, match=r"^--fan-in 512 is larger than the classifier's 256 inputs"):
-        model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512)
-    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=256).classifier.fan_in == 256
-    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512, sparse=False) is not None

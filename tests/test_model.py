@@ -1,0 +1,74 @@
+"""model.py against dense float64 definitions: the chunked losses (values and gradients, in both
+layouts and in 16 bit) and the meta loss; a fan-in wider than the classifier's inputs refused."""
+import pytest
+import torch
+
+import model
+
+
+def dense_labels(scores, rows, labels):
+    y = torch.zeros_like(scores)
+    y[rows, labels] = 1
+    return y
+
+
+DENSE_LOSSES = {  # float64, from a dense 0/1 label matrix: the definitions the chunked losses must match
+    "squared_hinge": lambda s, y: torch.relu(1 - (2 * y - 1) * s).square().mean(),
+    "bce": lambda s, y: torch.nn.functional.binary_cross_entropy_with_logits(s, y, reduction="sum"),
+    "bce_mean": lambda s, y: torch.nn.functional.binary_cross_entropy_with_logits(s, y),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])  # elements per label chunk: one label a chunk, uneven, all
+@pytest.mark.parametrize("dtype, transposed", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_chunked_losses_match_dense_definitions_in_value_and_gradient(monkeypatch, name, chunk, dtype, transposed):
+    monkeypatch.setitem(model.LOSS_CHUNK_ELEMENTS, "cpu", chunk)
+    generator = torch.Generator().manual_seed(1)
+    scores = (torch.randn(13, 6, generator=generator) * 2).to(dtype).T if transposed else \
+        (torch.randn(6, 13, generator=generator) * 2).to(dtype)  # transposed: a [B, L] view of [L, B], as the layer gives
+    rows, labels = torch.tensor([0, 0, 2, 5, 5]), torch.tensor([1, 4, 12, 0, 3])
+    scores = scores.detach().requires_grad_()
+    loss = model.LOSSES[name](scores, rows, labels)
+    loss.backward()
+    s64 = scores.detach().double().requires_grad_()
+    expected = DENSE_LOSSES[name](s64, dense_labels(s64, rows, labels))
+    expected.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(scores.grad.double(), s64.grad, rtol=tolerance, atol=tolerance * float(s64.grad.abs().max()))
+    assert scores.grad.stride() == scores.stride()  # no transposing copy for the layer's backward
+
+
+def test_chunked_loss_refuses_a_second_backward():
+    scores = torch.randn(2, 3, requires_grad=True)
+    loss = model.squared_hinge(scores, torch.tensor([0]), torch.tensor([1]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
+def test_losses_match_their_dense_definitions():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 9, generator=generator) * 2
+    rows, labels = torch.tensor([0, 0, 2, 5]), torch.tensor([1, 4, 8, 0])
+    y = dense_labels(scores, rows, labels)
+    signs = 2 * y - 1
+    torch.testing.assert_close(model.squared_hinge(scores, rows, labels), torch.relu(1 - signs * scores).square().mean())
+    torch.testing.assert_close(model.bce(scores, rows, labels),  # the release's: a sum
+                               torch.nn.functional.binary_cross_entropy_with_logits(scores, y, reduction="sum"))
+    torch.testing.assert_close(model.bce_mean(scores, rows, labels),
+                               torch.nn.functional.binary_cross_entropy_with_logits(scores, y))
+    clusters = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    meta = torch.randn(6, 4, generator=generator)
+    expected_targets = torch.zeros(6, 4)
+    expected_targets[0, 0] = expected_targets[0, 2] = expected_targets[2, 3] = expected_targets[5, 0] = 1
+    torch.testing.assert_close(model.meta_loss(meta, rows, labels, clusters),
+                               torch.nn.functional.binary_cross_entropy_with_logits(meta, expected_targets))
+
+
+def test_a_fan_in_wider_than_the_classifiers_inputs_is_refused_not_clamped():
+    with pytest.raises(ValueError, match=r"^--fan-in 512 is larger than the classifier's 256 inputs"):
+        model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512)
+    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=256).classifier.fan_in == 256
+    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512, sparse=False) is not None
