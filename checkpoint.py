@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-import xc_files
+import token_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def save_encoder(config, network, out):
     if config.encoder == "bow" or folder.exists():
         return
     temporary = out / f".encoder.tmp{os.getpid()}"
-    xc_files.load_tokenizer(config.encoder).save_pretrained(temporary)
+    token_ids.load_tokenizer(config.encoder).save_pretrained(temporary)
     network.encoder.transformer.config.save_pretrained(temporary)
     os.replace(temporary, folder)
 

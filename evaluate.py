@@ -25,6 +25,7 @@ import torch
 
 import data
 import model
+import token_ids
 import xc_files
 from checkpoint import encoder_folder, load_checkpoint
 
@@ -153,7 +154,7 @@ def predict(state, run, lines, k, batch_size, device, where):
                   f"alone", file=sys.stderr)
     else:  # a transformer reads the texts through the run's own tokenizer
         split = data.Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), texts=lines)
-        tokens = xc_files.tokenize(lines, xc_files.load_tokenizer(encoder_folder(run)), state["max_length"])
+        tokens = token_ids.tokenize(lines, token_ids.load_tokenizer(encoder_folder(run)), state["max_length"])
     network = load_model(state, device, run)
     labels, scores = predict_top_k(network, data.batches(split, batch_size, tokens=tokens), k, device)
     names = inputs["label_names"] or range(shape["num_labels"])

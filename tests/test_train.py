@@ -17,7 +17,7 @@ import data
 import evaluate
 import model
 import train
-import xc_files
+import token_ids
 from config import Config, parse_config
 from conftest import SPLITS, TINY, tiny_bert, write_data_set
 from test_config import PAPER
@@ -269,7 +269,7 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     assert 0 <= results["P@1"] <= 100
     assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
     shutil.rmtree(encoder)
-    monkeypatch.setattr(xc_files, "encode", None)  # evaluation must not tokenise again
+    monkeypatch.setattr(token_ids, "encode", None)  # evaluation must not tokenise again
     network, xmc, batches = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
     monkeypatch.undo()
@@ -291,7 +291,7 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
     assert json.loads(printed.split("dry run: ")[-1]) == report
     fields = dict(line.split(" = ", 1) for line in printed.splitlines() if " = " in line)  # the resolved config
     assert fields == {f.name: repr(getattr(run, f.name)) for f in dataclasses.fields(run)}
-    monkeypatch.setattr(xc_files, "encode", None)  # a second start, with another --out, finds both caches
+    monkeypatch.setattr(token_ids, "encode", None)  # a second start, with another --out, finds both caches
     monkeypatch.setattr(data, "cluster_labels", None)
     assert train.run(dataclasses.replace(run, out=str(tmp_path / "other")))["clusters"] == report["clusters"]
 

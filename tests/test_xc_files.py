@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import evaluate
+import token_ids
 import xc_files
 from conftest import SPLITS, FixedScores, tiny_bert, write, write_data_set
 from test_data import labels_of
@@ -217,9 +218,9 @@ def test_cut_texts_tokenise_exactly_as_whole_texts(tokenizer_dir, documents, max
     """encode cuts a text after max_length words: the ids and lengths must be those of the whole
     text, truncated, for any mix of known and unknown words, punctuation, accents, control
     characters, special-token strings and Unicode blanks (words that give no token included)."""
-    tokenizer = xc_files.load_tokenizer(tokenizer_dir)
+    tokenizer = token_ids.load_tokenizer(tokenizer_dir)
     texts = ["".join(piece + blank for piece, blank in document) for document in documents]
-    rows = xc_files.encode(texts, tokenizer, max_length, xc_files.token_dtype(tokenizer, max_length))
+    rows = token_ids.encode(texts, tokenizer, max_length, token_ids.token_dtype(tokenizer, max_length))
     whole = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="np")
     assert np.array_equal(rows["ids"], whole["input_ids"])
     assert np.array_equal(rows["length"], whole["attention_mask"].sum(1))
@@ -229,9 +230,9 @@ def test_token_cache_is_built_once_reused_and_rebuilt_when_stale_or_damaged(tmp_
     folder = write_data_set(tmp_path / "Set", "raw", SPLITS)
     write(folder / "test_raw_texts.txt", "red apple\nsky [PAD] sea\n" + "pie\n" * 10)
     xmc = xc_files.load(folder)
-    monkeypatch.setattr(xc_files, "TOKENIZE_BATCH", 5)  # several batches
+    monkeypatch.setattr(token_ids, "TOKENIZE_BATCH", 5)  # several batches
     rows = np.array(xc_files.token_cache(xmc.test, str(tokenizer_dir), 6, folder))  # a copy: the test damages the file
-    tokenizer = xc_files.load_tokenizer(tokenizer_dir)
+    tokenizer = token_ids.load_tokenizer(tokenizer_dir)
     expected = tokenizer(list(xmc.test.texts), max_length=6, truncation=True, padding="max_length", return_tensors="np")
     assert np.array_equal(rows["ids"], expected["input_ids"]) and rows["ids"].dtype == np.uint16
     assert rows["length"].tolist()[:2] == [4, 5]  # [CLS] red apple [SEP]; the [PAD] in the text counts
@@ -240,10 +241,10 @@ def test_token_cache_is_built_once_reused_and_rebuilt_when_stale_or_damaged(tmp_
     assert batch.tokens["attention_mask"].tolist() == [[1] * 5, [1] * 4 + [0]]
 
     caches = list(folder.glob("tokens_*.npy"))
-    monkeypatch.setattr(xc_files, "encode", None)  # a second run must not tokenise again
+    monkeypatch.setattr(token_ids, "encode", None)  # a second run must not tokenise again
     assert np.array_equal(xc_files.token_cache(xmc.test, str(tokenizer_dir), 6, folder), rows)
     monkeypatch.undo()
-    monkeypatch.setattr(xc_files, "TOKENIZE_BATCH", 5)
+    monkeypatch.setattr(token_ids, "TOKENIZE_BATCH", 5)
 
     caches[0].write_bytes(caches[0].read_bytes()[:200])  # damaged
     assert np.array_equal(xc_files.token_cache(xmc.test, str(tokenizer_dir), 6, folder), rows)
