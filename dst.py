@@ -139,11 +139,11 @@ class RewireSchedule:
     release: 1e-4).
     """
     last_batch: int
-    interval: int = 800
-    fraction: float = 0.2
-    threshold: float = 0.0
-    fraction_schedule: str = "constant"  # or "cosine"
-    threshold_floor: float = 1e-4
+    interval: int
+    fraction: float
+    threshold: float  # > 0: threshold mode
+    fraction_schedule: str  # "constant" or "cosine"
+    threshold_floor: float
 
     def __post_init__(self):
         if self.interval < 1 or self.last_batch < 0 or self.fraction_schedule not in ("constant", "cosine"):

@@ -72,8 +72,8 @@ class TransformerEncoder(nn.Module):
 ACTIVATIONS = {"none": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def build(encoder, num_features, num_labels, num_clusters=0, dim=256, dropout=0.0, pooling="cls",
-          intermediate=0, intermediate_activation="none", sparse=True, fan_in=128, backend="auto", pretrained=True):
+def build(encoder, num_features, num_labels, *, num_clusters, dim, dropout, pooling, intermediate,
+          intermediate_activation, sparse, fan_in, backend, pretrained=True):
     """The model from plain arguments (train.py stores them in checkpoints for evaluate.py).
     encoder: "bow" for the bag-of-words encoder, else a transformers model name or folder."""
     if encoder == "bow":
@@ -84,8 +84,8 @@ def build(encoder, num_features, num_labels, num_clusters=0, dim=256, dropout=0.
 
 
 class XMCModel(nn.Module):
-    def __init__(self, encoder, num_labels, num_clusters=0, intermediate=0, intermediate_activation="none",
-                 sparse=True, fan_in=128, backend="auto"):
+    def __init__(self, encoder, num_labels, num_clusters, intermediate, intermediate_activation, sparse, fan_in,
+                 backend):
         super().__init__()
         self.encoder = encoder
         width = encoder.out_features

@@ -1,6 +1,6 @@
 """Train an XMC model with a dynamic sparse classifier (the paper's full recipe, Sections 3-5).
 
-One training step, top to bottom (see `train_step`, called for every batch):
+One training step, top to bottom (`train_step`, called by `train_epoch` for every batch):
   1. encode the batch, score all labels with the (sparse) classifier, and the label clusters with
      the meta-classifier while the auxiliary loss is on;
   2. loss = (1 - s) * main + s * aux: squared hinge (or BCE) over all labels from the list of
@@ -9,22 +9,17 @@ One training step, top to bottom (see `train_step`, called for every batch):
   3. backward; gradients add up over grad_accum batches, then `optimizer_step`: optional clipping,
      a step of both optimizers (the encoder's, with the meta head and the intermediate layer; the
      classifier's), their learning rates (`warmup_then_cosine`);
-  4. every rewire_interval batches during the first rewire_end of the epochs: a SET rewire of the
-     classifier (dst.py).
-Before the first step, `xc_files.prepare` reads the data set and builds what training reads besides:
-bags of words, label clusters, token-id caches (kept next to the data for later runs; --dry-run
-stops there and reports the configuration, sizes and peak memory). Every eval_every epochs: P@k /
-nDCG@k / PSP@k on the test split, the best test P@1 kept in <out>/checkpoint.best.pt, and with
---patience an early stop when test P@3 no longer improves. Every epoch: a JSON line in
-<out>/log.jsonl and an atomically written checkpoint (<out>/checkpoint.pt) from which --resume
-continues exactly. `--data NAME` starts from a preset (presets.py: the paper's six data sets as in
-the official release).
+  4. every rewire_interval batches during the first rewire_end of the epochs: `rewire`, a SET step
+     of the classifier (dst.py) by the amount the RewireSchedule gives.
+`train_and_evaluate` is the loop around it: set up (`load_data`, `set_up`), then per epoch train,
+evaluate when due, log, checkpoint (checkpoint.py), stop when --patience runs out. `python
+train.py` runs config.Config()'s defaults; `--data NAME` starts from a preset (config.py).
 
 Under torchrun, every process trains a replica (DistributedDataParallel) on its share of each
 batch; gradients are averaged, every replica rewires identically (a shared seed), the test split is
 scored in shares and gathered, and only rank 0 prints and writes.
 
-    python train.py                                   # the embedded synthetic data set, CPU, a minute
+    python train.py                                   # the embedded synthetic data set, CPU, half a minute
     python train.py --data ../shared/data/delicious   # any folder in the XC repository's formats
     python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
     torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # 4 GPUs, same global batch
@@ -160,20 +155,20 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
     bow_inputs = config.encoder == "bow" and xmc.vocabulary is not None  # a bag-of-words model of raw text
     inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow_inputs else None,
                   idf=torch.from_numpy(xmc.idf) if bow_inputs else None)
-    return TrainingState(
-        network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
-        batches_per_epoch=batches_per_epoch,
-        schedulers=[torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers],
-        rewire_schedule=dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch, config.rewire_interval,
-                                    config.rewire_fraction, config.rewire_threshold, config.rewire_fraction_schedule,
-                                    config.rewire_threshold_floor),
-        scaler=torch.amp.GradScaler(device.type, init_scale=2**12,
-                                    enabled=device.type == "cuda" and config.precision == "fp16"),
-        rebuild=dict(model_arguments=arguments, inputs=inputs,
+    rewire_schedule = dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch,
+                                         config.rewire_interval, config.rewire_fraction, config.rewire_threshold,
+                                         config.rewire_fraction_schedule, config.rewire_threshold_floor)
+    rebuild = dict(model_arguments=arguments, inputs=inputs,
                    label_counts=torch.from_numpy(xmc.label_frequencies().astype(np.int32)),  # plot.py: head vs tail
                    max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
-                                       propensity=(config.propensity_a, config.propensity_b))))
+                                       propensity=(config.propensity_a, config.propensity_b)))
+    return TrainingState(
+        network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
+        batches_per_epoch=batches_per_epoch, rewire_schedule=rewire_schedule, rebuild=rebuild,
+        schedulers=[torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers],
+        scaler=torch.amp.GradScaler(device.type, init_scale=2**12,
+                                    enabled=device.type == "cuda" and config.precision == "fp16"))
 
 
 def seed_of(*parts):
@@ -201,8 +196,8 @@ def train_step(config, state, batch, device, window, last):
         torch.distributed.all_reduce(losses)
         losses /= state.world
     if not torch.isfinite(losses[0]):
-        raise FloatingPointError(f"loss is {losses[0].item()} at batch {state.batches_done}; stopping before any checkpoint "
-                                 f"is overwritten")
+        raise FloatingPointError(f"loss is {losses[0].item()} at batch {state.batches_done}; stopping before any "
+                                 f"checkpoint is overwritten")
     # DDP averages the gradients across processes once a window, at its last backward pass
     with contextlib.nullcontext() if last or state.world == 1 else state.replica.no_sync():
         state.scaler.scale(loss / window).backward()
@@ -330,7 +325,7 @@ def run(config, stop_after_epoch=None):
 
 def dry_run(xmc, state, tokens, seconds, device):
     """--dry-run, once everything is prepared: the sizes of what training would read and hold, how
-    long preparing took (seconds) and the process's peak resident memory, as JSON (bench.py reads it)."""
+    long preparing took (seconds) and the process's peak resident memory, as JSON (rehearse.py reads it)."""
     report = {"train_documents": len(xmc.train), "test_documents": len(xmc.test), "labels": xmc.num_labels,
               "features": xmc.num_features, "clusters": 0 if state.clusters is None else int(state.clusters.max()) + 1,
               "token_cache_MB": sum(rows.nbytes for rows in (tokens or {}).values()) / 2**20,
@@ -348,8 +343,8 @@ def load_data(config, out, rank, world):
         torch.distributed.barrier()
     max_leaf = config.max_leaf if config.aux_weight > 0 else None
     xmc, clusters, tokens, seconds = xc_files.prepare(source, config.format, config.augment_labels,
-                                                  (config.propensity_a, config.propensity_b), config.encoder,
-                                                  config.max_length, max_leaf, fallback=out)
+                                                      (config.propensity_a, config.propensity_b), config.encoder,
+                                                      config.max_length, max_leaf, fallback=out)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     features = f"{xmc.num_features:,} features, " if xmc.num_features else ""  # a transformer needs none

@@ -420,8 +420,7 @@ def token_cache(split, tokenizer_name, max_length, cache_dir):
 # ---------------------------------------------------------------------------------------------
 # Everything a run reads.
 
-def prepare(source, format="auto", augment_labels=False, propensity=(0.55, 1.5), encoder="bow", max_length=128,
-            max_leaf=None, fallback="."):
+def prepare(source, format, augment_labels, propensity, encoder, max_length, max_leaf, fallback):
     """The data set (load), and what a model reads besides it: bags of words for the bag-of-words
     encoder, label clusters for the aux loss (max_leaf: labels per cluster; None: no clusters),
     token-id caches for a transformer; caches next to the data, or in `fallback` (cache_dir).

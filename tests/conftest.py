@@ -116,3 +116,13 @@ def write_data_set(directory, layout, splits, gz=False, num_labels=8):
 
 
 SPLITS = {"train": corpus(40, 0), "test": corpus(12, 1)}
+
+
+# model.build's arguments for tests that vary only a few (the library has no defaults of its own).
+MODEL = dict(num_clusters=0, dim=256, dropout=0.0, pooling="cls", intermediate=0, intermediate_activation="none",
+             sparse=True, fan_in=128, backend="auto")
+
+
+def build_model(encoder, num_features, num_labels, **changes):
+    import model
+    return model.build(encoder, num_features, num_labels, **{**MODEL, **changes})

@@ -163,27 +163,31 @@ def test_rewire_rejects_bad_arguments(kwargs):
         rewire(FixedFanInLinear(6, 4, 2), **kwargs)
 
 
+# The release's rewiring amounts: a constant fraction 0.2 (threshold mode off), a threshold floor of 1e-4.
+RELEASE_FRACTION = dict(fraction=0.2, threshold=0.0, fraction_schedule="constant", threshold_floor=1e-4)
+
+
 def test_schedule_counts_batches_until_last_batch_with_cosine_decays():
-    schedule = RewireSchedule(last_batch=6600, interval=800, fraction=0.2)
+    schedule = RewireSchedule(**RELEASE_FRACTION, last_batch=6600, interval=800)
     due = [batch for batch in range(10_001) if schedule.due(batch)]
     assert due == list(range(800, 6601, 800))  # never at batch 0, never after last_batch
     assert schedule.amount(0) == schedule.amount(6000) == (0.2, None)  # the release: constant
-    cosine = RewireSchedule(last_batch=6600, interval=800, fraction=0.2, fraction_schedule="cosine")
+    cosine = RewireSchedule(**{**RELEASE_FRACTION, "fraction_schedule": "cosine"}, last_batch=6600, interval=800)
     assert cosine.amount(0)[0] == 0.2 and cosine.amount(3300)[0] == pytest.approx(0.1)
     values = [cosine.cosine(batch) for batch in range(0, 6601, 100)]
     assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(0)
-    threshold = RewireSchedule(last_batch=100, interval=10, threshold=0.01)  # the release: to 1e-4
+    threshold = RewireSchedule(**{**RELEASE_FRACTION, "threshold": 0.01}, last_batch=100, interval=10)  # the release: to 1e-4
     assert threshold.amount(0) == (None, 0.01)
     assert threshold.amount(50)[1] == pytest.approx(1e-4 + (0.01 - 1e-4) / 2)
     assert threshold.amount(100)[1] == pytest.approx(1e-4)
-    assert RewireSchedule(last_batch=100, interval=10, threshold=0.01, threshold_floor=0).amount(100)[1] \
+    assert RewireSchedule(**{**RELEASE_FRACTION, "threshold": 0.01, "threshold_floor": 0}, last_batch=100, interval=10).amount(100)[1] \
         == pytest.approx(0)
 
 
 def test_with_gradient_accumulation_the_step_closing_the_window_rewires():
     """Interval 1500 batches, windows of 2 (Amazon-3M) or 8: the release counts batches, and the
     rewire follows the optimizer step of the window that holds batch 1500, 3000, ..."""
-    schedule = RewireSchedule(last_batch=10_000, interval=1500)
+    schedule = RewireSchedule(**RELEASE_FRACTION, last_batch=10_000, interval=1500)
     assert [b for b in range(2, 10_001, 2) if schedule.due(b, window=2)] == list(range(1500, 10_001, 1500))
     assert [b for b in range(8, 10_001, 8) if schedule.due(b, window=8)] == [1504, 3000, 4504, 6000, 7504, 9000]
 
@@ -191,4 +195,4 @@ def test_with_gradient_accumulation_the_step_closing_the_window_rewires():
 @pytest.mark.parametrize("kwargs", [dict(interval=0), dict(last_batch=-1), dict(fraction_schedule="linear")])
 def test_schedule_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
-        RewireSchedule(**{"last_batch": 100, **kwargs})
+        RewireSchedule(**{**RELEASE_FRACTION, "last_batch": 100, "interval": 800, **kwargs})

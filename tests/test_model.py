@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import model
+from conftest import build_model
 
 
 def dense_labels(scores, rows, labels):
@@ -69,6 +70,6 @@ def test_losses_match_their_dense_definitions():
 
 def test_a_fan_in_wider_than_the_classifiers_inputs_is_refused_not_clamped():
     with pytest.raises(ValueError, match=r"^--fan-in 512 is larger than the classifier's 256 inputs"):
-        model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512)
-    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=256).classifier.fan_in == 256
-    assert model.build("bow", 50, 20, dim=256, intermediate=0, fan_in=512, sparse=False) is not None
+        build_model("bow", 50, 20, dim=256, intermediate=0, fan_in=512)
+    assert build_model("bow", 50, 20, dim=256, intermediate=0, fan_in=256).classifier.fan_in == 256
+    assert build_model("bow", 50, 20, dim=256, intermediate=0, fan_in=512, sparse=False) is not None

@@ -19,7 +19,7 @@ import model
 import train
 import token_ids
 from config import Config, parse_config
-from conftest import SPLITS, TINY, tiny_bert, write_data_set
+from conftest import SPLITS, TINY, build_model, tiny_bert, write_data_set
 from test_config import PAPER
 
 
@@ -160,7 +160,7 @@ def test_the_two_optimizers_carry_the_release_groups(tiny):
     config = dataclasses.replace(tiny, intermediate=16, lr_encoder=1e-3, weight_decay_encoder=0.05, lr_meta=5e-4,
                                  lr_intermediate=2e-2, classifier_optimizer="sgd", lr_classifier=0.08,
                                  weight_decay_classifier=1e-4)
-    network = model.build("bow", 50, 20, num_clusters=4, dim=8, intermediate=16, fan_in=4)
+    network = build_model("bow", 50, 20, num_clusters=4, dim=8, intermediate=16, fan_in=4)
     encoder, classifier = train.make_optimizers(config, network)
     groups = [(g["lr"], g["weight_decay"], {id(p) for p in g["params"]}) for g in encoder.param_groups]
     ids = lambda module: {id(p) for p in module.parameters()}
@@ -173,7 +173,7 @@ def test_the_two_optimizers_carry_the_release_groups(tiny):
 
 def test_a_transformers_layer_norm_weights_and_biases_get_no_weight_decay(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    network = model.build(str(tiny_bert(tmp_path / "bert")), 0, 20, fan_in=4)
+    network = build_model(str(tiny_bert(tmp_path / "bert")), 0, 20, fan_in=4)
     encoder, _ = train.make_optimizers(Config(encoder="adam", encoder_optimizer="adam"), network)
     names = {id(p): n for n, p in network.named_parameters()}
     decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
@@ -396,7 +396,7 @@ def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilbe
     transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocabulary)}).save_pretrained(folder)
     transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=len(vocabulary), dim=16, n_layers=2,
                                                                n_heads=2, hidden_dim=32)).save_pretrained(folder)
-    network = model.build(str(folder), 0, 20, fan_in=4)
+    network = build_model(str(folder), 0, 20, fan_in=4)
     names = {id(p): n for n, p in network.named_parameters()}
     layer_norms = [n for n in names.values() if "layer_norm.weight" in n]
     assert len(layer_norms) == 4  # sa_layer_norm and output_layer_norm in each of 2 layers
