@@ -21,9 +21,11 @@ import xc_files
 
 @dataclass
 class Config:
+    """Every option of a run; each field is also a flag (--fan-in for fan_in). The defaults are the
+    embedded synthetic run that `python train.py` trains."""
     data: str = "synthetic"  # synthetic, a named data set (its folder under data_dir), or a folder
     data_dir: str = "data"
-    format: str = "auto"  # the folder's layout: bow, raw or lf (data.py); auto: found from its files
+    format: str = "auto"  # the folder's layout: bow, raw or lf (xc_files.py); auto: found from its files
     augment_labels: bool = False  # LF data sets: each label's title is one more training document
     propensity_a: float = 0.55  # PSP@k's propensity constants A, B (Jain et al. 2016) of the data set
     propensity_b: float = 1.5
