@@ -96,6 +96,8 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global",
     survived:  the fraction of the slots regrown by the previous step still alive (None if unknown).
     """
     weight, indices, in_features = layer.weight, layer.indices, layer.in_features
+    if optimizer is not None:
+        check_optimizer(optimizer, weight, reset_state)
     counts = prune_counts(weight, fraction, threshold, scope, row_cap, free_inputs=in_features - layer.fan_in)
     regrown = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
     step = max(1, ROW_CHUNK_ELEMENTS.get(weight.device.type, ROW_CHUNK_ELEMENTS["cpu"]) // in_features)
@@ -117,6 +119,22 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global",
     if previous_regrown is not None and previous_regrown.any():
         survived = float((previous_regrown & ~regrown).sum() / previous_regrown.sum())
     return {"rewired": int(regrown.sum()), "regrown": regrown, "survived": survived}
+
+
+def check_optimizer(optimizer, weight, reset_state):
+    """Any torch optimizer whose state is per weight (SGD with or without momentum, Adam, AdamW,
+    Adagrad, ...) works. Refused in one line: an optimizer that does not hold the layer's weight
+    (its regrown slots would never train), and, to reset state, one whose state for the weight is
+    not shaped like it (e.g. Adafactor's factored row and column statistics: no slot to zero)."""
+    if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(f"rewire: the {type(optimizer).__name__} given does not optimize the layer's weight; pass "
+                         f"the optimizer that trains the layer (or none)")
+    odd = {name: tuple(value.shape) for name, value in optimizer.state.get(weight, {}).items()
+           if torch.is_tensor(value) and value.dim() > 0 and value.shape != weight.shape}
+    if reset_state and odd:
+        raise ValueError(f"rewire: {type(optimizer).__name__} keeps state {odd} for a weight of shape "
+                         f"{tuple(weight.shape)}, not one value per weight, so the regrown slots' state cannot be "
+                         f"reset; keep it (reset_state=False, the release's choice) or use a per-weight optimizer")
 
 
 def reset_optimizer_state(optimizer, weight, slots):

@@ -411,6 +411,22 @@ class FixedFanInLinear(nn.Module):
             self._transposed[ops] = ops.transpose(self.indices.int(), self.in_features)
         return self._transposed[ops]
 
+    @classmethod
+    def from_dense(cls, linear, fan_in, backend="auto"):
+        """The sparse layer that keeps, in each row of the nn.Linear `linear`, its fan_in weights of
+        largest |w| (ties: the lower input) and its bias: a dense model's classifier, to fine-tune
+        sparsely. On linear's device and dtype."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, fan_in, bias=linear.bias is not None, backend=backend)
+        kept = weight.abs().sort(dim=1, descending=True, stable=True).indices[:, :fan_in].sort(dim=1).values
+        layer = layer.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            layer.indices.copy_(kept)
+            layer.weight.copy_(weight.gather(1, kept))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
     def to_dense(self):
         """The equivalent dense [L, D] weight matrix. For tests and teaching only: at XMC scale it
         is exactly the memory this layer exists to avoid."""

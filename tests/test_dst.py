@@ -105,8 +105,11 @@ def test_rewire_changes_the_function_only_by_removing_pruned_weights(layer, frac
 
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.AdamW(p, lr=0.1),
+    lambda p: torch.optim.Adam(p, lr=0.1),
     lambda p: torch.optim.Adam(p, lr=0.1, amsgrad=True),
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.SGD(p, lr=0.1),  # no momentum: no state to keep or reset
+    lambda p: torch.optim.Adagrad(p, lr=0.1),
 ])
 def test_optimizer_state_is_reset_at_regrown_slots_only(make_optimizer):
     layer = FixedFanInLinear(50, 20, 10)
@@ -196,3 +199,36 @@ def test_with_gradient_accumulation_the_step_closing_the_window_rewires():
 def test_schedule_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         RewireSchedule(**{**RELEASE_FRACTION, "last_batch": 100, "interval": 800, **kwargs})
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1), lambda p: torch.optim.Adagrad(p, lr=0.1),
+])
+def test_training_goes_on_after_a_rewire_and_regrown_slots_start_from_zero(make_optimizer):
+    """After a rewire the optimizer steps the new connections: a regrown weight is 0 until the next
+    step, then it moves, for every optimizer (SGD without state too)."""
+    torch.manual_seed(0)
+    layer = FixedFanInLinear(30, 12, 6)
+    optimizer = make_optimizer(layer.parameters())
+    for reset_state in (False, True):
+        layer(torch.randn(8, 30)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        regrown = rewire(layer, optimizer, fraction=0.5, scope="row", reset_state=reset_state)["regrown"]
+        assert bool((layer.weight[regrown] == 0).all())
+        layer(torch.randn(8, 30)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert bool((layer.weight[regrown] != 0).all())
+
+
+def test_an_optimizer_rewire_cannot_serve_is_a_one_line_error():
+    layer, other = FixedFanInLinear(30, 12, 6), FixedFanInLinear(30, 12, 6)
+    with pytest.raises(ValueError, match=r"^rewire: the AdamW given does not optimize the layer's weight"):
+        rewire(layer, torch.optim.AdamW(other.parameters()), fraction=0.2)
+    factored = torch.optim.Adafactor(layer.parameters(), lr=0.01)  # row and column statistics, not per weight
+    layer(torch.randn(8, 30)).square().sum().backward()
+    factored.step()
+    with pytest.raises(ValueError, match=r"^rewire: Adafactor keeps state .* not one value per weight"):
+        rewire(layer, factored, fraction=0.2, reset_state=True)
+    assert rewire(layer, factored, fraction=0.2)["rewired"] > 0  # keeping its state is fine

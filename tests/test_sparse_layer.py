@@ -289,3 +289,30 @@ def test_cuda_gradients_are_the_same_bits_every_run(dtype):
     for first, second in zip(*runs):
         assert torch.equal(first.view(torch.int16 if dtype != torch.float32 else torch.int32),
                            second.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 9), st.integers(0, 2**16), st.booleans())
+def test_from_dense_keeps_each_rows_largest_weights(in_features, labels, seed, ties):
+    """Against brute force in float64: row by row, the fan_in entries of largest |w| (ties: lower
+    input first), the rest zero; the layer then computes x @ kept.T + b."""
+    generator = torch.Generator().manual_seed(seed)
+    fan_in = 1 + seed % in_features
+    linear = torch.nn.Linear(in_features, labels)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(labels, in_features, generator=generator))
+        if ties:  # equal magnitudes, of both signs: the choice must still be the lower inputs
+            linear.weight.copy_(linear.weight.sign() * linear.weight.abs().round())
+    layer = FixedFanInLinear.from_dense(linear, fan_in)
+    dense = linear.weight.detach().double()
+    expected = torch.zeros_like(dense)
+    for row in range(labels):
+        order = sorted(range(in_features), key=lambda d: (-abs(float(dense[row, d])), d))[:fan_in]
+        expected[row, order] = dense[row, order]
+    assert torch.equal(layer.to_dense().double(), expected)
+    assert all(len(set(row.tolist())) == fan_in for row in layer.indices)
+    x = torch.randn(5, in_features, generator=generator)
+    torch.testing.assert_close(layer(x).double(), x.double() @ expected.T + linear.bias.detach().double(),
+                               rtol=1e-5, atol=1e-5)  # float32 sums against float64
+    with pytest.raises(ValueError, match="fan_in must be in"):
+        FixedFanInLinear.from_dense(linear, in_features + 1)
