@@ -56,6 +56,10 @@ def parse_args():
     p.add_argument("--inputs", type=int, default=3, help="distinct random input sets cycled through")
     p.add_argument("--rewire", action="store_true", help="time dst.rewire (fraction 0.2, AdamW state) instead")
     p.add_argument("--step", action="store_true", help="time whole training steps (loss, backward, AdamW) instead")
+    p.add_argument("--loss", nargs="+", default=["lean", "plain", "none"], choices=["lean", "plain", "none"],
+                   help="--step: the loss after the layer (bench_step)")
+    p.add_argument("--layout", nargs="+", default=["contiguous", "transposed"], choices=["contiguous", "transposed"],
+                   help="--step: the sparse layer's output, contiguous [B, L] or a transposed view")
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
     p.add_argument("--bandwidth", type=float, help="GPU DRAM bandwidth in GB/s for the floor ratios "
                    "(default: measured, a device-to-device copy counting bytes read and written)")
@@ -100,7 +104,8 @@ def make_layer(kind, labels, features, fan_in, dtype, device):
     with device:  # built where it runs: drawing 670k random index rows on the host takes seconds
         if kind.startswith("dense"):
             return nn.Linear(features, -(-labels // 8) * 8 if kind == "dense-pad8" else labels, dtype=dtype)
-        return FixedFanInLinear(features, labels, fan_in, backend=kind).to(dtype)
+        # the layout the project's model runs (a transposed view); bench_step also times the other
+        return FixedFanInLinear(features, labels, fan_in, backend=kind, contiguous_output=False).to(dtype)
 
 
 def layer_kinds(args, device, dtype):
@@ -255,10 +260,30 @@ def check_step(layer, x, rows, labels):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def training_step(layer, optimizer, x, rows, labels):
+def plain_squared_hinge(scores, target):
+    """What a user writes: the squared hinge by autograd from a dense 0/1 target, elementwise on [B, L]."""
+    return torch.relu(1 - (2 * target - 1) * scores).square().mean()
+
+
+def step_losses(rows, labels, target):
+    """loss name -> a function of the scores that runs the loss's backward: `lean` (model.py's, from
+    the positives), `plain` (plain_squared_hinge), `none` (the layer alone: a fixed output gradient
+    in the output's layout)."""
+    gradients = {}
+
+    def none(scores):
+        key = scores.stride()
+        if key not in gradients:
+            gradients[key] = torch.randn_like(scores)  # randn_like keeps the layout (strides)
+        scores.backward(gradients[key])
+    return {"lean": lambda scores: model.squared_hinge(scores, rows, labels).backward(),
+            "plain": lambda scores: plain_squared_hinge(scores, target).backward(), "none": none}
+
+
+def training_step(layer, optimizer, x, run_loss):
     optimizer.zero_grad(set_to_none=True)
     x.grad = None
-    model.squared_hinge(layer(x), rows, labels).backward()
+    run_loss(layer(x))
     optimizer.step()
 
 
@@ -289,35 +314,77 @@ def step_peak_bytes(step, layer, optimizer, x):
 
 
 def bench_step(args, device):
-    """A whole training step of the classifier as training runs it: forward, the squared hinge from
-    the list of positives (5 per document), backward (input and weights), AdamW step. Every layer is
-    first checked against its dense float64 equivalent (check_step), then timed; then the peak
-    memory of one more step (step_peak_bytes)."""
+    """A whole training step of the classifier: forward, a loss (--loss: `lean`, model.py's squared
+    hinge from the list of positives, 5 a document; `plain`, the same loss written by autograd on a
+    dense 0/1 target, as in a user's own model; `none`, the layer alone), backward (input and
+    weights), AdamW step; the sparse layer with its output contiguous (as nn.Linear's) or as a
+    transposed view (--layout). Every layer is first checked against its dense float64 equivalent
+    (check_step), then timed; then the peak memory of one more step (step_peak_bytes). Last, per
+    fan-in, the plain loss's bound: (dense + plain loss alone) / (sparse + plain loss alone), the
+    speed-up a plain loss leaves possible, beside the one measured."""
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {where}")
-    print("| L | D | B | dtype | layer | k | step ms (median) | dense / layer | step peak MB |\n" + "|---" * 9 + "|")
+    print("| L | D | B | dtype | layer | k | output | loss | step ms (median) | vs dense, same loss | step peak MB |\n"
+          + "|---" * 11 + "|")
     generator = torch.Generator().manual_seed(0)
     for dtype in [getattr(torch, name) for name in args.dtype]:
         for batch in args.batch:
             x = torch.randn(batch, args.features, dtype=dtype, generator=generator).to(device).requires_grad_()
             rows, labels = (t.to(device) for t in random_positives(batch, args.labels, 5, generator))
-            dense_ms, kinds = None, layer_kinds(args, device, dtype)
-            for kind, fan_in in [(k, f) for f in args.fan_in for k in kinds if not k.startswith("dense") or f == args.fan_in[0]]:
-                with report_failure(kind):
-                    ms, peak = time_step(args, kind, fan_in, dtype, device, x, rows, labels)
-                    dense_ms = dense_ms or ms
-                    print(f"| {args.labels:,} | {args.features} | {batch} | {str(dtype).removeprefix('torch.')} | "
-                          f"{kind if kind.startswith('dense') else 'sparse/' + kind} | {'-' if kind.startswith('dense') else fan_in} | "
-                          f"{ms:.1f} | {dense_ms / ms:.2f}x | {'-' if peak is None else f'{peak / 2**20:.0f}'} |", flush=True)
+            target = torch.zeros(batch, args.labels, dtype=dtype, device=device)
+            target[rows, labels] = 1
+            losses = step_losses(rows, labels, target)
+            times = {}  # (kind, k, layout, loss) -> ms
+            for kind, fan_in in [(k, f) for f in args.fan_in for k in layer_kinds(args, device, dtype)
+                                 if not k.startswith("dense") or f == args.fan_in[0]]:
+                layouts = ["contiguous"] if kind.startswith("dense") else args.layout
+                for layout, loss in [(layout, loss) for layout in layouts for loss in args.loss]:
+                    with report_failure(kind):
+                        ms, peak = time_step(args, kind, fan_in, dtype, device, x, (rows, labels), layout,
+                                             losses[loss])
+                        times[kind, fan_in, layout, loss] = ms
+                        dense = times.get(("dense", args.fan_in[0], "contiguous", loss))
+                        print(f"| {args.labels:,} | {args.features} | {batch} | {str(dtype).removeprefix('torch.')} | "
+                              f"{kind if kind.startswith('dense') else 'sparse/' + kind} | "
+                              f"{'-' if kind.startswith('dense') else fan_in} | {layout} | {loss} | {ms:.1f} | "
+                              f"{f'{dense / ms:.2f}x' if dense else '-'} | {'-' if peak is None else f'{peak / 2**20:.0f}'} |",
+                              flush=True)
+            plain_bound(args, device, times, target)
 
 
-def time_step(args, kind, fan_in, dtype, device, x, rows, labels):
+def plain_bound(args, device, times, target):
+    """The plain loss's bound per sparse layer: the step can at best save what the layer saves, the
+    plain loss itself (fwd + bwd on a contiguous [B, L] tensor, timed here) costing the same."""
+    if "plain" not in args.loss or "none" not in args.loss:
+        return
+    scores = torch.randn_like(target).requires_grad_()
+    loss_ms = []
+    for _ in range(args.repeats + 1):
+        with Timer(device) as t:
+            plain_squared_hinge(scores, target).backward()
+        loss_ms.append(t.ms)
+    loss_ms = statistics.median(loss_ms[1:])
+    dense = times.get(("dense", args.fan_in[0], "contiguous", "none"))
+    dense_plain = times.get(("dense", args.fan_in[0], "contiguous", "plain"))
+    print(f"\nplain loss alone (fwd + bwd on a contiguous [B, L]): {loss_ms:.1f} ms")
+    for (kind, fan_in, layout, loss), ms in times.items():
+        plain = times.get((kind, fan_in, layout, "plain"))
+        if kind.startswith("dense") or loss != "none" or None in (dense, dense_plain, plain):
+            continue
+        bound, measured = (dense + loss_ms) / (ms + loss_ms), dense_plain / plain
+        print(f"sparse/{kind} k={fan_in} {layout}: plain-loss step {measured:.2f}x dense, bound {bound:.2f}x "
+              f"({100 * measured / bound:.0f}% of it)", flush=True)
+
+
+def time_step(args, kind, fan_in, dtype, device, x, positives, layout, run_loss):
     """(median ms, peak bytes) of the training step of one layer, checked first."""
     layer = make_layer(kind, args.labels, args.features, fan_in, dtype, device)
-    check_step(layer, x, rows, labels)  # in full fp32 also for dense-tf32: cuBLAS's TF32 is not ours to test
+    if isinstance(layer, FixedFanInLinear):
+        layer.contiguous_output = layout == "contiguous"
+    check_step(layer, x, *positives)  # in full fp32 also for dense-tf32: cuBLAS's TF32 is not ours to test
     with tf32(kind):
         optimizer = torch.optim.AdamW(layer.parameters())
-        step = functools.partial(training_step, layer, optimizer, x, rows, labels)
+        step = functools.partial(training_step, layer, optimizer, x, run_loss)
         times = []
         for _ in range(args.repeats + 1):  # one warm-up step, which also creates the AdamW state
             with Timer(device) as t:

@@ -11,7 +11,9 @@ auxiliary meta-classifier.
   meta           a small dense head from the encoder output to the label clusters; its loss
                  feeds the encoder with gradient while the sparse classifier is still poor, and
                  train.py switches it off partway through training.
-The losses (Section 4) come last: the main loss over all labels, and the meta-classifier's.
+The losses (Section 4) come last: the main loss over all labels, and the meta-classifier's. They
+take any [B, L] scores, in either layout, with their positives as (rows, labels) lists; positives_of
+makes those from a dense or sparse 0/1 target, so a forker's own model can use them.
 """
 import inspect
 
@@ -97,7 +99,9 @@ class XMCModel(nn.Module):
             raise ValueError(f"--fan-in {fan_in} is larger than the classifier's {width} inputs (the encoder's width, "
                              f"or --intermediate): choose at most {width}, or --no-sparse for a dense classifier")
         if sparse:
-            self.classifier = FixedFanInLinear(width, num_labels, fan_in, backend=backend)
+            # a transposed view of the scores: the lean losses below take either layout, and this one
+            # saves the two transposing copies a contiguous [B, L] result costs (README: measured)
+            self.classifier = FixedFanInLinear(width, num_labels, fan_in, backend=backend, contiguous_output=False)
         else:
             self.classifier = nn.Linear(width, num_labels)
         self.meta = nn.Linear(encoder.out_features, num_clusters) if num_clusters else None
@@ -181,6 +185,29 @@ class _LabelLoss(torch.autograd.Function):
         ctx.used = True
         grad, = ctx.saved_tensors
         return grad.mul_(grad_output), None, None, None, None, None
+
+
+def positives_of(target, device=None):
+    """(rows, labels): the positives of a [B, L] 0/1 target, what the losses below take. The target
+    may be a dense tensor, a torch sparse one (COO or CSR) or a scipy sparse matrix; a value other
+    than 0 and 1 is refused (these losses have no soft labels)."""
+    if hasattr(target, "tocoo"):  # scipy.sparse, without importing it
+        coo = target.tocoo()
+        coo.sum_duplicates()
+        rows, labels, values = (torch.as_tensor(a) for a in (coo.row.astype("int64"), coo.col.astype("int64"), coo.data))
+    else:
+        if target.layout == torch.sparse_csr:
+            target = target.to_sparse_coo()
+        if target.layout == torch.sparse_coo:
+            target = target.coalesce()
+            (rows, labels), values = target.indices(), target.values()
+        else:
+            rows, labels = target.nonzero(as_tuple=True)
+            values = target[rows, labels]
+    keep = values != 0
+    if not bool((values[keep] == 1).all()):
+        raise ValueError("the target must hold 0 and 1 only (a positive is 1)")
+    return rows[keep].to(device or rows.device), labels[keep].to(device or labels.device)
 
 
 def squared_hinge(scores, rows, labels):

@@ -259,17 +259,19 @@ class SimpleCudaOps(CudaOps):
 
 class _FixedFanIn(torch.autograd.Function):
     """y = fixed fan-in product of x[B, D] plus bias; differentiable in x, weight and bias, not in
-    indices. y is returned as the transpose of the backends' yT[L, B]: elementwise ops after it
-    keep that layout, so the gradient arrives as [L, B] again and needs no transposing copy.
-    `transposed` is a function giving the transposed connectivity, called only if grad-x is
-    needed (a module returns its kept copy)."""
+    indices. The backends compute yT[L, B]; y is its transpose, a view (`contiguous` False: the
+    elementwise ops of a loss keep that layout, so the gradient arrives as [L, B] again and needs no
+    transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `transposed` is a function
+    giving the transposed connectivity, called only if grad-x is needed (a module returns its kept
+    copy)."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices, bias, ops, transposed):
+    def forward(ctx, x, weight, indices, bias, ops, transposed, contiguous):
         xT = x.t().contiguous()
         ctx.save_for_backward(xT, weight, indices)
         ctx.ops, ctx.transposed = ops, transposed
-        return ops.forward(xT, weight, indices, bias).t()
+        y = ops.forward(xT, weight, indices, bias).t()
+        return y.contiguous() if contiguous else y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -282,7 +284,7 @@ class _FixedFanIn(torch.autograd.Function):
             grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_yT.sum(1, dtype=_accumulation_dtype(grad_yT.dtype)).to(grad_yT.dtype)
-        return grad_x, grad_weight, None, grad_bias, None, None
+        return grad_x, grad_weight, None, grad_bias, None, None, None
 
 
 def _resolve_backend(backend, x):
@@ -322,7 +324,8 @@ def _check_arguments(x, weight, indices, bias, check_indices):
             raise ValueError(f"indices must lie in [0, {x.shape[-1]}), got values in [{int(low)}, {int(high)}]")
 
 
-def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, transposed=None):
+def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, transposed=None,
+                       contiguous=True):
     """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
 
     Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
@@ -330,6 +333,8 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     weight and bias are used in x's dtype, as autocast does for a dense layer. `transposed`: a
     function of the backend's ops returning the transposed connectivity of `indices` (a
     FixedFanInLinear passes its kept copy); by default the backward pass builds it afresh.
+    contiguous=False returns y as a transposed view of the backends' [L, B] result, which saves two
+    transposing copies where the loss is the lean one of model.py (README: the layer in your model).
     """
     _check_arguments(x, weight, indices, bias, check_indices)
     ops = _resolve_backend(backend, x)
@@ -338,7 +343,8 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
     transpose = (lambda: transposed(ops)) if transposed else (lambda: ops.transpose(indices, x.shape[-1]))
-    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops, transpose)
+    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops, transpose,
+                          contiguous)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -367,8 +373,10 @@ class FixedFanInLinear(nn.Module):
     Initialised as in the official release: weight U(-1/sqrt(k), 1/sqrt(k)), bias zero.
     """
 
-    def __init__(self, in_features, out_features, fan_in, bias=True, backend="auto", generator=None):
+    def __init__(self, in_features, out_features, fan_in, bias=True, backend="auto", generator=None,
+                 contiguous_output=True):
         super().__init__()
+        self.contiguous_output = contiguous_output  # False: a transposed view (fixed_fanin_linear's `contiguous`)
         if not 1 <= fan_in <= in_features:
             raise ValueError(f"fan_in must be in [1, in_features={in_features}], got {fan_in}")
         if out_features < 1:
@@ -401,7 +409,7 @@ class FixedFanInLinear(nn.Module):
         if changed:
             self._transposed = {}
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
-                               check_indices=changed, transposed=self.transposed)
+                               check_indices=changed, transposed=self.transposed, contiguous=self.contiguous_output)
         self._checked_indices = version
         return y
 

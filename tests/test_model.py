@@ -73,3 +73,44 @@ def test_a_fan_in_wider_than_the_classifiers_inputs_is_refused_not_clamped():
         build_model("bow", 50, 20, dim=256, intermediate=0, fan_in=512)
     assert build_model("bow", 50, 20, dim=256, intermediate=0, fan_in=256).classifier.fan_in == 256
     assert build_model("bow", 50, 20, dim=256, intermediate=0, fan_in=512, sparse=False) is not None
+
+
+def targets_of(dense):
+    """The same 0/1 target in every form positives_of takes (scipy's only where it is installed)."""
+    forms = {"dense": dense, "torch COO": dense.to_sparse(), "torch CSR": dense.to_sparse_csr(),
+             "uncoalesced COO": torch.sparse_coo_tensor(  # a positive listed twice, as 1 + 0
+                 torch.cat([dense.nonzero().T, dense.nonzero()[:1].T], 1),
+                 torch.cat([torch.ones(int(dense.sum())), torch.tensor([0.0])]), dense.shape, check_invariants=True)}
+    try:
+        import scipy.sparse
+        forms["scipy CSR"] = scipy.sparse.csr_matrix(dense.numpy())
+    except ImportError:
+        pass
+    return forms
+
+
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_public_losses_take_any_target_form_and_match_dense_definitions(name, transposed):
+    """A forker's use: scores from any model, a 0/1 target as they have it; value and gradient
+    against the float64 dense definition, in both layouts."""
+    generator = torch.Generator().manual_seed(3)
+    dense = (torch.rand(7, 11, generator=generator) < 0.2).float()
+    dense[0, 0] = 1
+    base = torch.randn(11, 7, generator=generator).T if transposed else torch.randn(7, 11, generator=generator)
+    s64 = base.double().requires_grad_()
+    expected = DENSE_LOSSES[name](s64, dense.double())
+    expected.backward()
+    for form, target in targets_of(dense).items():
+        scores = base.clone().requires_grad_() if not transposed else base.T.clone().T.requires_grad_()
+        loss = model.LOSSES[name](scores, *model.positives_of(target))
+        loss.backward()
+        torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5, msg=form)
+        torch.testing.assert_close(scores.grad.double(), s64.grad, rtol=1e-5, atol=1e-6, msg=form)
+
+
+def test_a_target_that_is_not_0_1_is_refused():
+    with pytest.raises(ValueError, match="0 and 1 only"):
+        model.positives_of(torch.tensor([[0.0, 0.5]]))
+    with pytest.raises(ValueError, match="0 and 1 only"):
+        model.positives_of(torch.tensor([[0.0, 2.0]]).to_sparse())
