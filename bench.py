@@ -236,6 +236,11 @@ def random_positives(batch, num_labels, per_document, generator):
     return torch.arange(batch).repeat_interleave(per_document), labels.flatten()
 
 
+def plain_squared_hinge(scores, target):
+    """What a user writes: the squared hinge by autograd from a dense 0/1 target, elementwise on [B, L]."""
+    return torch.relu(1 - (2 * target - 1) * scores).square().mean()
+
+
 def check_step(layer, x, rows, labels):
     """A layer's loss and gradients (input, weight, bias) in one training step against its dense
     float64 equivalent on the same input: a fast but wrong layer must not post a time."""
@@ -243,9 +248,9 @@ def check_step(layer, x, rows, labels):
     x64 = x.detach().double().requires_grad_()
     w64, b64 = weight.detach().double().requires_grad_(), layer.bias.detach().double().requires_grad_()
     scores = x64 @ w64.T + b64
-    signs = -torch.ones_like(scores)
-    signs[rows, labels] = 1.0
-    expected = torch.relu(1 - signs * scores).square().mean()  # the squared hinge, densely, in float64
+    target = torch.zeros_like(scores)
+    target[rows, labels] = 1.0
+    expected = plain_squared_hinge(scores, target)  # the squared hinge, densely, in float64
     expected.backward()
     x_ = x.detach().clone().requires_grad_()
     layer.zero_grad(set_to_none=True)
@@ -258,11 +263,6 @@ def check_step(layer, x, rows, labels):
         want = want.detach()
         torch.testing.assert_close(got.detach().double(), want, rtol=tolerance, atol=tolerance * float(want.abs().max()),
                                    msg=lambda m: f"{name}: {m}")
-
-
-def plain_squared_hinge(scores, target):
-    """What a user writes: the squared hinge by autograd from a dense 0/1 target, elementwise on [B, L]."""
-    return torch.relu(1 - (2 * target - 1) * scores).square().mean()
 
 
 def step_losses(rows, labels, target):

@@ -194,7 +194,8 @@ def positives_of(target, device=None):
     if hasattr(target, "tocoo"):  # scipy.sparse, without importing it
         coo = target.tocoo()
         coo.sum_duplicates()
-        rows, labels, values = (torch.as_tensor(a) for a in (coo.row.astype("int64"), coo.col.astype("int64"), coo.data))
+        rows, labels = torch.as_tensor(coo.row.astype("int64")), torch.as_tensor(coo.col.astype("int64"))
+        values = torch.as_tensor(coo.data)
     else:
         if target.layout == torch.sparse_csr:
             target = target.to_sparse_coo()

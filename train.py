@@ -238,8 +238,9 @@ def step_record(config, state, epoch, s, losses, batches, seconds, device):
     """The record of the last `batches` training batches: their mean losses, the learning rates,
     speed, and the GPU's peak memory so far."""
     loss, main, aux = (losses / batches).tolist()
-    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main, "aux": aux,
-              "aux_weight": s, "lr": [g["lr"] for optimizer in state.optimizers for g in optimizer.param_groups],
+    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main,
+              "aux": aux, "aux_weight": s,
+              "lr": [g["lr"] for optimizer in state.optimizers for g in optimizer.param_groups],
               "ms_per_batch": 1e3 * seconds / batches, "documents_per_s": batches * config.batch_size / seconds}
     if device.type == "cuda":
         record["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -255,8 +256,8 @@ def train_epoch(config, state, epoch, split, tokens, device, run_log):
     totals, rewired = torch.zeros(3, dtype=torch.float64), 0
     batches = data.batches(split, config.batch_size // state.world, shuffle=True, seed=config.seed, epoch=epoch,
                            tokens=tokens, rank=state.rank, world=state.world, even=True)
-    progress = tqdm(batches, total=state.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", mininterval=1.0,
-                    disable=None if state.rank == 0 else True, leave=False)
+    progress = tqdm(batches, total=state.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                    mininterval=1.0, disable=None if state.rank == 0 else True, leave=False)
     since, since_totals, since_number = time.time(), totals.clone(), 0  # where the last step record left off
     for number, batch in enumerate(progress, start=1):
         before = (number - 1) // config.grad_accum * config.grad_accum  # batches of the epoch before this window
@@ -265,12 +266,12 @@ def train_epoch(config, state, epoch, split, tokens, device, run_log):
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
         progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
         if config.log_every and state.batches_done % config.log_every == 0:
-            record = step_record(config, state, epoch, s, totals - since_totals, number - since_number, time.time() - since,
-                                 device)
+            record = step_record(config, state, epoch, s, totals - since_totals, number - since_number,
+                                 time.time() - since, device)
             run_log.write(record)
             if state.rank == 0:
-                progress.write(f"batch {state.batches_done}: loss {record['loss']:.4g}, {record['ms_per_batch']:.0f} ms/batch, "
-                               f"{record['documents_per_s']:.0f} documents/s")
+                progress.write(f"batch {state.batches_done}: loss {record['loss']:.4g}, "
+                               f"{record['ms_per_batch']:.0f} ms/batch, {record['documents_per_s']:.0f} documents/s")
             since, since_totals, since_number = time.time(), totals.clone(), number
     loss, main, aux = (totals / state.batches_per_epoch).tolist()
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}

@@ -126,3 +126,15 @@ MODEL = dict(num_clusters=0, dim=256, dropout=0.0, pooling="cls", intermediate=0
 def build_model(encoder, num_features, num_labels, **changes):
     import model
     return model.build(encoder, num_features, num_labels, **{**MODEL, **changes})
+
+
+def refuse_to_open(monkeypatch, refused):
+    """open() of the path `refused` fails as it would for a file the user may not read (as root,
+    chmod stops no read, so the failure is made here)."""
+    real_open = open
+
+    def guarded(file, *arguments, **keywords):
+        if str(file) == str(refused):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *arguments, **keywords)
+    monkeypatch.setattr("builtins.open", guarded)

@@ -14,6 +14,7 @@ import evaluate
 import train
 from checkpoint import load_checkpoint
 from config import Config
+from conftest import refuse_to_open
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,13 +133,7 @@ def test_predict_from_a_folder_or_an_unreadable_file_is_a_one_line_error(dataset
     assert finished.stderr.strip() == f"error: {datasets}: cannot be opened (Is a directory)"
     documents = datasets / "documents.txt"
     documents.write_text("0:1\n")
-    real_open = open
-
-    def refuse(file, *arguments, **keywords):  # as root, chmod stops no read: fail the open instead
-        if str(file) == str(documents):
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *arguments, **keywords)
-    monkeypatch.setattr("builtins.open", refuse)
+    refuse_to_open(monkeypatch, documents)  # as root, chmod stops no read: fail the open instead
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--checkpoint", str(checkpoint), "--predict", str(documents)])
     with pytest.raises(SystemExit) as stop:
         evaluate.main()

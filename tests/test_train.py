@@ -19,7 +19,7 @@ import model
 import train
 import token_ids
 from config import Config, parse_config
-from conftest import SPLITS, TINY, build_model, tiny_bert, write_data_set
+from conftest import SPLITS, TINY, build_model, refuse_to_open, tiny_bert, write_data_set
 from test_config import PAPER
 
 
@@ -354,10 +354,7 @@ def test_an_empty_split_or_an_unreadable_file_stops_train_py_in_one_line_before_
     (bow / "test.txt").write_text((folder / "tst.json").read_text())  # any content: it is never opened
     assert run_main(monkeypatch, ["--data", str(bow / "train.txt"), *out]).startswith(
         f"error: no data set at {bow / 'train.txt'}: expected a folder with")  # a file where a folder belongs
-    real_open = open
-    refuse = lambda file, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(file))) \
-        if str(file) == str(bow / "test.txt") else real_open(file, *a, **k)
-    monkeypatch.setattr("builtins.open", refuse)
+    refuse_to_open(monkeypatch, bow / "test.txt")
     assert run_main(monkeypatch, ["--data", str(bow), *out]) == \
         f"error: {bow / 'test.txt'}: cannot be opened (Permission denied)"
 

@@ -13,7 +13,7 @@ import data
 import evaluate
 import token_ids
 import xc_files
-from conftest import SPLITS, FixedScores, tiny_bert, write, write_data_set
+from conftest import SPLITS, FixedScores, refuse_to_open, tiny_bert, write, write_data_set
 from test_data import labels_of
 
 BOW = "3 6 4\n0,2 0:1 3:0.5\n 1:2\n3 5:1 0:1\n"
@@ -311,18 +311,6 @@ def test_lf_text_key_follows_the_data_set_folder_also_when_given_its_raw_text(tm
         xmc = xc_files.load(folder)
         assert xmc.name == "LF-ShopTitles-1K" and xmc.train.texts.parts[0][1] == "title"
         assert "the documents' text is the 'title' field of trn.json" in capsys.readouterr().out
-
-
-def refuse_to_open(monkeypatch, refused, error=PermissionError):
-    """open() of the path `refused` fails as it would for a file the user may not read (as root,
-    chmod stops no read, so the failure is made here)."""
-    real_open = open
-
-    def guarded(file, *arguments, **keywords):
-        if str(file) == str(refused):
-            raise error(13, "Permission denied", str(file))
-        return real_open(file, *arguments, **keywords)
-    monkeypatch.setattr("builtins.open", guarded)
 
 
 @pytest.mark.parametrize("gz", [False, True])
