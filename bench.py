@@ -221,7 +221,7 @@ def bench_rewire(args, device):
                 with Timer(device) as t:
                     stats = dst.rewire(layer, optimizer, fraction=0.2, **mode)
                     layer(torch.randn(2, args.features, device=device))  # notices the new indices
-                    layer.transposed(ops)
+                    ops.transpose(layer.indices.int(), layer.in_features)  # what the next backward builds
                 times.append(t.ms)
             x = torch.randn(8, args.features, device=device)  # the rewired layer still computes its dense equivalent
             check_step(layer, x, *(t.to(device) for t in random_positives(8, args.labels, 5, torch.Generator())))

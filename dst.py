@@ -26,21 +26,6 @@ ROW_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
 SCOPES = ("global", "row")
 
 
-def global_counts(magnitudes, total):
-    """Per row, how many of the `total` smallest entries of the whole matrix it holds. Ties at the
-    cut are taken in row-major order, so exactly `total` entries are chosen."""
-    if total == 0:
-        return torch.zeros(magnitudes.shape[0], dtype=torch.int64, device=magnitudes.device)
-    flat = magnitudes.flatten()
-    # the total-th smallest value. On a GPU, kthvalue of one long row is slow (an H200: 164 ms for
-    # the 21.4M magnitudes of Amazon-670K at k = 32), where a full sort takes 1.1 ms.
-    cut = flat.sort().values[total - 1] if flat.is_cuda else flat.kthvalue(total).values
-    below = magnitudes < cut
-    ties = (magnitudes == cut).flatten()
-    ties &= ties.cumsum(0) <= total - below.sum()
-    return below.sum(dim=1) + ties.view_as(magnitudes).sum(dim=1)
-
-
 def prune_counts(weight, fraction=None, threshold=None, scope="global", row_cap=0.0, free_inputs=None):
     """How many connections to prune in each row: [L] int64.
 
@@ -59,31 +44,21 @@ def prune_counts(weight, fraction=None, threshold=None, scope="global", row_cap=
     magnitudes = weight.abs()
     if threshold is not None:
         counts = (magnitudes < threshold).sum(dim=1)
-    elif scope == "global":
-        counts = global_counts(magnitudes, math.floor(fraction * num_labels * fan_in))
-    else:
+    elif scope == "row":
         counts = torch.full((num_labels,), math.floor(fraction * fan_in), dtype=torch.int64, device=weight.device)
+    else:  # global: how many of the matrix's `total` smallest entries each row holds
+        total, flat = math.floor(fraction * num_labels * fan_in), magnitudes.flatten()
+        # the total-th smallest value (none: -1). On a GPU, kthvalue of one long row is slow (an H200:
+        # 164 ms for the 21.4M magnitudes of Amazon-670K at k = 32), where a full sort takes 1.1 ms.
+        cut = -1.0 if total == 0 else flat.sort().values[total - 1] if flat.is_cuda else flat.kthvalue(total).values
+        below = magnitudes < cut
+        # ties at the cut are taken in row-major order, so that exactly `total` entries are chosen
+        ties = (magnitudes == cut).flatten()
+        ties &= ties.cumsum(0) <= total - below.sum()
+        counts = below.sum(dim=1) + ties.view_as(magnitudes).sum(dim=1)
     if row_cap > 0:
         counts = counts.clamp(max=math.floor(row_cap * fan_in))
     return counts if free_inputs is None else counts.clamp(max=free_inputs)
-
-
-def smallest_slots(magnitudes, counts):
-    """[rows, k] bool: the counts[row] slots of smallest magnitude in every row (ties: lower slot
-    first, so that the choice is the same on every run and every device)."""
-    rank = magnitudes.argsort(dim=1, stable=True).argsort(dim=1)
-    return rank < counts[:, None]
-
-
-def sample_unused(indices, count, in_features, generator=None):
-    """[rows, count] distinct input ids per row, uniformly at random among those not in the row.
-
-    Random scores for all D inputs, the row's own inputs pushed below every other score, top-k:
-    a uniform random subset of the unused inputs (count <= D - k is the caller's promise).
-    """
-    scores = torch.rand(indices.shape[0], in_features, generator=generator, device=indices.device)
-    scores.scatter_(1, indices.long(), -1.0)
-    return scores.topk(count, dim=1).indices
 
 
 @torch.no_grad()
@@ -106,9 +81,15 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global",
         most = int(counts[rows].max())
         if most == 0:
             continue
-        pruned = smallest_slots(weight[rows].abs(), counts[rows])  # 1. select
-        # 2. regrow: the n-th pruned slot of a row (in slot order) takes the row's n-th new input
-        new_inputs = sample_unused(indices[rows], most, in_features, generator)
+        # 1. select: the counts[row] slots of smallest |w| in every row (ties: the lower slot first, so
+        #    that the choice is the same on every run and every device)
+        rank = weight[rows].abs().argsort(dim=1, stable=True).argsort(dim=1)
+        pruned = rank < counts[rows, None]
+        # 2. regrow: random scores for all D inputs, the row's own inputs pushed below every other
+        #    score, top-k: a uniform random subset of the unused inputs (prune_counts left enough)
+        scores = torch.rand(pruned.shape[0], in_features, generator=generator, device=weight.device)
+        new_inputs = scores.scatter_(1, indices[rows].long(), -1.0).topk(most, dim=1).indices
+        # the n-th pruned slot of a row (in slot order) takes the row's n-th new input
         nth = (pruned.cumsum(dim=1) - 1).clamp(min=0)
         indices[rows] = torch.where(pruned, new_inputs.gather(1, nth).to(indices.dtype), indices[rows])
         weight[rows] = weight[rows].masked_fill(pruned, 0.0)

@@ -136,25 +136,18 @@ class XMCModel(nn.Module):
 LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
 
 
-# Each returns (the sum of the per-label loss over s, its slope per element); one temporary the
-# size of s where it can (a squared norm is a reduction, not a squared copy).
+# Each returns (the sum of the per-label loss over s, its slope per element) for labels y = +1 or
+# -1; one temporary the size of s where it can (a squared norm is a reduction, not a squared copy).
 
-def _hinge_negative(s):  # max(0, 1 + s)^2 and its slope, for y = -1
-    margin = (s + 1).relu_()
-    return torch.linalg.vector_norm(margin).square(), margin.mul_(2)
-
-
-def _hinge_positive(s):  # max(0, 1 - s)^2 and its slope, for y = +1
-    margin = (1 - s).relu_()
-    return torch.linalg.vector_norm(margin).square(), margin.mul_(-2)
+def _hinge(s, y):  # max(0, 1 - y s)^2, its slope -2 y max(0, 1 - y s)
+    margin = (1 - s if y > 0 else s + 1).relu_()
+    return torch.linalg.vector_norm(margin).square(), margin.mul_(-2 * y)
 
 
-def _bce_negative(s):  # -log(1 - sigmoid(s)) = softplus(s)
+def _bce(s, y):  # -log(sigmoid(y s)): softplus(s) - s for y = +1, softplus(s) for y = -1
+    if y > 0:
+        return (F.softplus(s) - s).sum(), torch.sigmoid(s) - 1
     return F.softplus(s).sum(), torch.sigmoid(s)
-
-
-def _bce_positive(s):  # -log(sigmoid(s)) = softplus(s) - s
-    return (F.softplus(s) - s).sum(), torch.sigmoid(s) - 1
 
 
 class _LabelLoss(torch.autograd.Function):
@@ -162,16 +155,16 @@ class _LabelLoss(torch.autograd.Function):
     positives' terms swapped; the gradient is written chunk by chunk as the loss is summed."""
 
     @staticmethod
-    def forward(ctx, scores, rows, labels, negative, positive, scale):
+    def forward(ctx, scores, rows, labels, per_label, scale):
         grad = torch.empty_like(scores)  # same strides: [B, L] views of [L, B] stay that way
         total = torch.zeros((), dtype=torch.float32, device=scores.device)
         step = max(1, LOSS_CHUNK_ELEMENTS.get(scores.device.type, LOSS_CHUNK_ELEMENTS["cpu"]) // max(1, scores.shape[0]))
         for start in range(0, scores.shape[1], step):
-            value, slope = negative(scores[:, start:start + step].float())
+            value, slope = per_label(scores[:, start:start + step].float(), -1)
             total += value
             grad[:, start:start + step] = slope.mul_(scale)
         at_positives = scores[rows, labels].float()
-        (as_negative, _), (as_positive, slope) = negative(at_positives), positive(at_positives)
+        (as_negative, _), (as_positive, slope) = per_label(at_positives, -1), per_label(at_positives, +1)
         total += as_positive - as_negative
         grad[rows, labels] = slope.mul_(scale).to(grad.dtype)
         ctx.save_for_backward(grad)
@@ -184,7 +177,7 @@ class _LabelLoss(torch.autograd.Function):
             raise RuntimeError("the label loss supports one backward pass per forward (no retain_graph)")
         ctx.used = True
         grad, = ctx.saved_tensors
-        return grad.mul_(grad_output), None, None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None
 
 
 def positives_of(target, device=None):
@@ -213,17 +206,17 @@ def positives_of(target, device=None):
 
 def squared_hinge(scores, rows, labels):
     """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest."""
-    return _LabelLoss.apply(scores, rows, labels, _hinge_negative, _hinge_positive, 1.0 / max(1, scores.numel()))
+    return _LabelLoss.apply(scores, rows, labels, _hinge, 1.0 / max(1, scores.numel()))
 
 
 def bce(scores, rows, labels):
     """binary cross-entropy summed over (b, l), as the release (after Renee) computes it."""
-    return _LabelLoss.apply(scores, rows, labels, _bce_negative, _bce_positive, 1.0)
+    return _LabelLoss.apply(scores, rows, labels, _bce, 1.0)
 
 
 def bce_mean(scores, rows, labels):
     """binary cross-entropy, the mean over (b, l) (torch's default reduction)."""
-    return _LabelLoss.apply(scores, rows, labels, _bce_negative, _bce_positive, 1.0 / max(1, scores.numel()))
+    return _LabelLoss.apply(scores, rows, labels, _bce, 1.0 / max(1, scores.numel()))
 
 
 LOSSES = {"squared_hinge": squared_hinge, "bce": bce, "bce_mean": bce_mean}

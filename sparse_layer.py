@@ -46,11 +46,7 @@ BACKENDS = ("auto", "torch", "cuda", "cuda-simple")
 
 # ---------------------------------------------------------------------------------------------
 # Backend "torch". Each function mirrors one kernel of kernels.cu; sums accumulate in float32
-# (float64 stays float64, for gradcheck).
-
-def _accumulation_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
+# (promote_types: float64 stays float64, for gradcheck).
 
 class Transposed(NamedTuple):
     """The connectivity read by input feature: `order` [L*k] holds the flat slot positions l*k + j
@@ -84,7 +80,7 @@ class TorchOps:
         # EmbeddingBag is exactly this product: bag l sums the rows indices[l, :] of the "embedding
         # table" xT, each scaled by its per-sample weight weight[l, j]. One call: it builds no
         # [L, k, B] temporary (int32 indices: its faster path on the CPU, 17 vs 22 ms at L = 100k).
-        acc = _accumulation_dtype(xT.dtype)
+        acc = torch.promote_types(xT.dtype, torch.float32)
         yT = F.embedding_bag(indices, xT.to(acc), per_sample_weights=weight.to(acc), mode="sum")
         return yT.add_(bias[:, None].to(acc)).to(xT.dtype)
 
@@ -96,7 +92,7 @@ class TorchOps:
     def grad_input(grad_yT, weight, indices, in_features, transposed):
         # A gather, like the forward pass: bag d of chunk c sums the rows grad_yT[l] of the slots
         # (l, j) of that chunk that read feature d, each scaled by weight[l, j].
-        acc = _accumulation_dtype(grad_yT.dtype)
+        acc = torch.promote_types(grad_yT.dtype, torch.float32)
         grad_yT_acc = grad_yT.to(acc)
         order, starts = transposed
         labels = order // indices.shape[1]
@@ -113,7 +109,7 @@ class TorchOps:
         # grad_weight[l, j] = grad_yT[l] . xT[indices[l, j]]: the product grad_y^T x sampled at the
         # layer's connections, which is what torch.sparse.sampled_addmm computes, L*k dots and
         # nothing else (7x faster than gathering [L, k, B] copies of x, at L = 100k on 2 cores).
-        acc = _accumulation_dtype(xT.dtype)
+        acc = torch.promote_types(xT.dtype, torch.float32)
         (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
         if indices.numel() == 0 or batch == 0:
             return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
@@ -133,7 +129,7 @@ class TorchOps:
         """grad-w on GPUs: x gathered for a chunk of labels into [c, k, B], multiplied and summed.
         (sampled_addmm gave wrong 16-bit results inside this layer in a GPU test, 2026-11-28, and
         right ones when called alone; until that is understood, GPUs keep this path.)"""
-        acc = _accumulation_dtype(xT.dtype)
+        acc = torch.promote_types(xT.dtype, torch.float32)
         (labels, fan_in), batch = indices.shape, xT.shape[1]
         grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
         step = max(1, CHUNK_ELEMENTS.get(xT.device.type, CHUNK_ELEMENTS["cpu"]) // (fan_in * batch))
@@ -261,15 +257,15 @@ class _FixedFanIn(torch.autograd.Function):
     """y = fixed fan-in product of x[B, D] plus bias; differentiable in x, weight and bias, not in
     indices. The backends compute yT[L, B]; y is its transpose, a view (`contiguous` False: the
     elementwise ops of a loss keep that layout, so the gradient arrives as [L, B] again and needs no
-    transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `transposed` is a function
-    giving the transposed connectivity, called only if grad-x is needed (a module returns its kept
-    copy)."""
+    transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `cache` keeps the transposed
+    connectivity by ops: built in the backward pass only if grad-x is needed, and only once for as
+    long as a module keeps its cache."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices, bias, ops, transposed, contiguous):
+    def forward(ctx, x, weight, indices, bias, ops, cache, contiguous):
         xT = x.t().contiguous()
         ctx.save_for_backward(xT, weight, indices)
-        ctx.ops, ctx.transposed = ops, transposed
+        ctx.ops, ctx.cache = ops, cache
         y = ops.forward(xT, weight, indices, bias).t()
         return y.contiguous() if contiguous else y
 
@@ -279,11 +275,13 @@ class _FixedFanIn(torch.autograd.Function):
         grad_yT = grad_y.t().contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.transposed()).t()
+            if ctx.ops not in ctx.cache:
+                ctx.cache[ctx.ops] = ctx.ops.transpose(indices, xT.shape[0])
+            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.cache[ctx.ops]).t()
         if ctx.needs_input_grad[1]:
             grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
         if ctx.needs_input_grad[3]:
-            grad_bias = grad_yT.sum(1, dtype=_accumulation_dtype(grad_yT.dtype)).to(grad_yT.dtype)
+            grad_bias = grad_yT.sum(1, dtype=torch.promote_types(grad_yT.dtype, torch.float32)).to(grad_yT.dtype)
         return grad_x, grad_weight, None, grad_bias, None, None, None
 
 
@@ -303,7 +301,19 @@ def _resolve_backend(backend, x):
     return TorchOps
 
 
-def _check_arguments(x, weight, indices, bias, check_indices):
+def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, cache=None,
+                       contiguous=True):
+    """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
+
+    Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
+    ones raise ValueError unless check_indices=False (for callers that checked them already). The
+    weight and bias are used in x's dtype, as autocast does for a dense layer. `cache`: a dict in
+    which the backward pass keeps the transposed connectivity of `indices` (a FixedFanInLinear
+    passes its own, emptied when its indices change); by default it is built afresh every time.
+    contiguous=False returns y as a transposed view of the backends' [L, B] result, which saves two
+    transposing copies where the loss is the lean one of model.py (README: the layer in your model).
+    """
+    # Every wrong argument is a one-line ValueError here, never a wrong result or a kernel's fault.
     if x.dim() < 1 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor [..., D], got {x.dtype} of shape {tuple(x.shape)}")
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -322,29 +332,13 @@ def _check_arguments(x, weight, indices, bias, check_indices):
         low, high = torch.aminmax(indices)
         if low < 0 or high >= x.shape[-1]:
             raise ValueError(f"indices must lie in [0, {x.shape[-1]}), got values in [{int(low)}, {int(high)}]")
-
-
-def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, transposed=None,
-                       contiguous=True):
-    """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
-
-    Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
-    ones raise ValueError unless check_indices=False (for callers that checked them already). The
-    weight and bias are used in x's dtype, as autocast does for a dense layer. `transposed`: a
-    function of the backend's ops returning the transposed connectivity of `indices` (a
-    FixedFanInLinear passes its kept copy); by default the backward pass builds it afresh.
-    contiguous=False returns y as a transposed view of the backends' [L, B] result, which saves two
-    transposing copies where the loss is the lean one of model.py (README: the layer in your model).
-    """
-    _check_arguments(x, weight, indices, bias, check_indices)
     ops = _resolve_backend(backend, x)
     x2d = x.reshape(-1, x.shape[-1])
     indices = indices.to(torch.int32).contiguous()
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
-    transpose = (lambda: transposed(ops)) if transposed else (lambda: ops.transpose(indices, x.shape[-1]))
-    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops, transpose,
-                          contiguous)
+    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
+                          {} if cache is None else cache, contiguous)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -389,7 +383,7 @@ class FixedFanInLinear(nn.Module):
         self.register_buffer("indices", random_distinct_indices(out_features, in_features, fan_in, generator))
         self.reset_parameters(generator)
         self._checked_indices = None  # (address, version) of the indices last found in range
-        self._transposed = {}  # the transposed connectivity of those indices, by backend ops
+        self._transposed = {}  # the transposed connectivity of those indices, by backend ops (cache)
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):
@@ -409,15 +403,9 @@ class FixedFanInLinear(nn.Module):
         if changed:
             self._transposed = {}
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
-                               check_indices=changed, transposed=self.transposed, contiguous=self.contiguous_output)
+                               check_indices=changed, cache=self._transposed, contiguous=self.contiguous_output)
         self._checked_indices = version
         return y
-
-    def transposed(self, ops):
-        """The transposed connectivity of the current indices for `ops`, built on first use."""
-        if ops not in self._transposed:
-            self._transposed[ops] = ops.transpose(self.indices.int(), self.in_features)
-        return self._transposed[ops]
 
     @classmethod
     def from_dense(cls, linear, fan_in, backend="auto"):

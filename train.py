@@ -9,8 +9,8 @@ One training step, top to bottom (`train_step`, called by `train_epoch` for ever
   3. backward; gradients add up over grad_accum batches, then `optimizer_step`: optional clipping,
      a step of both optimizers (the encoder's, with the meta head and the intermediate layer; the
      classifier's), their learning rates (`warmup_then_cosine`);
-  4. every rewire_interval batches during the first rewire_end of the epochs: `rewire`, a SET step
-     of the classifier (dst.py) by the amount the RewireSchedule gives.
+  4. every rewire_interval batches during the first rewire_end of the epochs: `dst.rewire`, a SET
+     step of the classifier by the amount the RewireSchedule gives.
 `train_and_evaluate` is the loop around it: set up (`load_data`, `set_up`), then per epoch train,
 evaluate when due, log, checkpoint (checkpoint.py), stop when --patience runs out. `python
 train.py` runs config.Config()'s defaults; `--data NAME` starts from a preset (config.py).
@@ -206,7 +206,15 @@ def train_step(config, state, batch, device, window, last):
     if last:
         optimizer_step(config, state)
         if config.sparse and state.rewire_schedule.due(state.batches_done, window):
-            rewired = rewire(config, state, device)
+            # a SET rewire of the classifier (dst.py), seeded by the batch alone: every replica draws
+            # the same new connections, and a resumed run the same as an uninterrupted one
+            fraction, threshold = state.rewire_schedule.amount(state.batches_done)
+            generator = torch.Generator(device).manual_seed(seed_of(config.seed, state.batches_done))
+            stats = dst.rewire(state.network.classifier, state.optimizers[1], fraction, threshold,
+                               scope=config.rewire_scope, row_cap=config.rewire_row_cap,
+                               reset_state=config.rewire_reset_state, generator=generator,
+                               previous_regrown=state.last_regrown)
+            state.last_regrown, state.last_survival, rewired = stats["regrown"], stats["survived"], stats["rewired"]
     return s, losses, rewired
 
 
@@ -220,18 +228,6 @@ def optimizer_step(config, state):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     state.scaler.update()
-
-
-def rewire(config, state, device):
-    """A SET rewire of the classifier. Seeded by the batch alone: every replica draws the same new
-    connections, and a resumed run the same as an uninterrupted one."""
-    fraction, threshold = state.rewire_schedule.amount(state.batches_done)
-    generator = torch.Generator(device).manual_seed(seed_of(config.seed, state.batches_done))
-    stats = dst.rewire(state.network.classifier, state.optimizers[1], fraction, threshold, scope=config.rewire_scope,
-                       row_cap=config.rewire_row_cap, reset_state=config.rewire_reset_state, generator=generator,
-                       previous_regrown=state.last_regrown)
-    state.last_regrown, state.last_survival = stats["regrown"], stats["survived"]
-    return stats["rewired"]
 
 
 def step_record(config, state, epoch, s, losses, batches, seconds, device):
