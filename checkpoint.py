@@ -5,7 +5,7 @@ read it back through here.
 A run directory <out>/ holds
   checkpoint.pt           the newest epoch's state; --resume continues from it exactly
   checkpoint.previous.pt  the one before (--resume falls back to it if the newest is damaged)
-  checkpoint.best.pt      the epoch of best test P@1
+  checkpoint.best.pt      the epoch of best P@1: validation's when held out, else test's
   log.jsonl               a JSON line per epoch (and per --log-every batches, "kind": "step")
   encoder/                a transformer's config and tokenizer (evaluate.py rebuilds from them)
 
@@ -18,11 +18,11 @@ A checkpoint is a dict (torch.save; read with weights_only=True). Written by tra
   scaler           the fp16 gradient scaler's state                 resume
   epoch, batch     the last epoch done (0-based), training batches done       resume
   regrown          slots regrown by the last rewire (its survival rate)      resume
-  best             the evaluation of best test P@1, with its epoch           resume
-  best_p3, stale   early stopping: best test P@3, evaluations since it       resume
+  best             the evaluation of best P@1 (train.keep_best), its epoch   resume
+  best_p3, stale   early stopping: best P@3, evaluations since it            resume
   config           every Config field of the run                             (a record)
   model_arguments  model.build's arguments                          resume (compatibility), evaluate, plot
-  inputs           label_names, and a bag-of-words model of raw text's vocabulary and idf   evaluate
+  inputs           label_names; a bag-of-words model's vocabulary (raw text) and idf (text, --idf)   evaluate
   label_counts     training documents per label                                plot (head vs tail)
   max_length       tokens per document (None: the bag-of-words encoder)       evaluate
   data_arguments   xc_files.load's arguments (source folder, format, ...)         evaluate

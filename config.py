@@ -27,6 +27,7 @@ class Config:
     data_dir: str = "data"
     format: str = "auto"  # the folder's layout: bow, raw or lf (xc_files.py); auto: found from its files
     augment_labels: bool = False  # LF data sets: each label's title is one more training document
+    idf: bool = False  # bag-of-words files: weight features by their training-split idf (text is tf-idf always)
     propensity_a: float = 0.55  # PSP@k's propensity constants A, B (Jain et al. 2016) of the data set
     propensity_b: float = 1.5
     out: str = ""  # run directory; default runs/<the data set's name>
@@ -81,7 +82,8 @@ class Config:
     # evaluation
     eval_every: int = 1
     eval_batch_size: int = 256
-    patience: int = 0  # stop after this many evaluations without a better test P@3 (0: never)
+    validation_fraction: float = 0.0  # hold out this share of the training documents (seeded) to choose by
+    patience: int = 0  # stop after this many evaluations without a better P@3 (0: never): validation's, else test's
     # logging: log.jsonl gets a record per epoch, and per log_every training batches when > 0
     log_every: int = 0
     wandb: bool = False  # also send every record to Weights & Biases (rank 0; needs `pip install wandb`)

@@ -60,9 +60,31 @@ class XMCData:
     folder: Path | None = None  # where its files are, and its caches go
     fingerprint: str = ""  # its files and reading options: keys the caches
     propensity: tuple = (0.55, 1.5)  # PSP's constants A, B (Jain et al. 2016) of this data set
+    fit: np.ndarray | None = None  # rows of `train` that training reads (hold_out); None: all of them
+    validation: np.ndarray | None = None  # rows of `train` held out to choose the epoch (hold_out)
 
     def label_frequencies(self):
+        """Training documents per label, of the whole training split (validation rows included, so
+        that propensities do not depend on the hold-out)."""
         return np.bincount(self.train.label_ids, minlength=self.num_labels)
+
+    def fit_rows(self):
+        return np.arange(len(self.train)) if self.fit is None else self.fit
+
+
+def hold_out(xmc, fraction, seed):
+    """Hold out a seeded random `fraction` of the training documents as a validation split (rows of
+    xmc.train, in file order): early stopping and the best epoch read it, so that no choice of a
+    run reads the test split. Label ids and propensities stay those of the whole training split."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--validation-fraction must be in [0, 1), got {fraction}")
+    count = min(max(round(fraction * len(xmc.train)), 1), len(xmc.train) - 1) if fraction > 0 else 0
+    if fraction > 0 and count < 1:
+        raise DataError(f"{xmc.name}: {len(xmc.train)} training document(s) are too few to hold out a validation split")
+    # its own stream: the entropy word 2**40 is no epoch number, so this order is not epoch 0's shuffle
+    held = np.random.default_rng([seed, 1 << 40]).permutation(len(xmc.train))[:count]
+    xmc.validation = np.sort(held) if count else None
+    xmc.fit = np.setdiff1d(np.arange(len(xmc.train)), held) if count else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +127,18 @@ def tfidf_bags(token_offsets, tokens, vocabulary_size, idf=None):
         document_frequency = np.bincount(ids, minlength=vocabulary_size)
         idf = np.log((1 + num_docs) / (1 + document_frequency)).astype(np.float32) + 1
     return offsets, ids.astype(np.int32), normalise_rows(offsets, np.log1p(counts).astype(np.float32) * idf[ids]), idf
+
+
+def feature_idf(split, num_features):
+    """Each feature's idf over a split's bags, log((1 + N) / (1 + df)) + 1 (as for raw text)."""
+    document_frequency = np.bincount(split.bag_ids, minlength=num_features)
+    return (np.log((1 + len(split)) / (1 + document_frequency)) + 1).astype(np.float32)
+
+
+def weight_by_idf(split, idf):
+    """A bag-of-words file's values times their features' idf, L2-normalised again (in place): rare
+    features weigh more, as they do in the bags built from raw text."""
+    split.bag_values = normalise_rows(split.bag_offsets, split.bag_values * idf[split.bag_ids])
 
 
 def normalise_rows(offsets, values):
@@ -379,9 +413,9 @@ def make_batch(split, rows, tokens=None):
     return batch
 
 
-def batches(split, batch_size, shuffle=False, seed=0, epoch=0, tokens=None, rank=0, world=1, even=False):
-    """Batches of a split; with shuffle, the order depends only on (seed, epoch), so a resumed run
-    sees the same batches as an uninterrupted one.
+def batches(split, batch_size, shuffle=False, seed=0, epoch=0, tokens=None, rank=0, world=1, even=False, rows=None):
+    """Batches of a split (of its documents `rows`, in that order; default all); with shuffle, the
+    order depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
 
     Data-parallel training (world processes): this rank takes every world-th document of the order,
     starting at `rank`, as torch's DistributedSampler does, and batches of `batch_size` of them;
@@ -389,7 +423,8 @@ def batches(split, batch_size, shuffle=False, seed=0, epoch=0, tokens=None, rank
     single process. even=True (training) first drops the last len % world documents of the order,
     so that every rank runs the same number of steps of the same size (DDP's collectives need it).
     """
-    order = np.random.default_rng([seed, epoch]).permutation(len(split)) if shuffle else np.arange(len(split))
+    rows = np.arange(len(split)) if rows is None else rows
+    order = rows[np.random.default_rng([seed, epoch]).permutation(len(rows))] if shuffle else rows
     if even:
         order = order[:len(order) - len(order) % world]
     order = order[rank::world]

@@ -28,6 +28,7 @@ import model
 import token_ids
 import xc_files
 from checkpoint import encoder_folder, load_checkpoint
+from data import csr_rows
 
 KS = (1, 3, 5)
 
@@ -90,8 +91,9 @@ def metrics(predictions, label_offsets, label_ids, inverse_propensity, ks=KS):
     return results
 
 
-def evaluate(model, data, batches, device, ks=KS, world=1):
-    """Metrics on the test split. Under torchrun (world > 1), each process has scored every
+def evaluate(model, data, batches, device, ks=KS, world=1, rows=None):
+    """Metrics on the test split, or on the training documents `rows` (the validation split) that
+    `batches` holds in that order. Under torchrun (world > 1), each process has scored every
     world-th document (data.batches with rank and world); the shares are gathered here, in order."""
     predictions, _ = predict_top_k(model, batches, max(ks), device)
     if world > 1:
@@ -101,7 +103,10 @@ def evaluate(model, data, batches, device, ks=KS, world=1):
         for rank, share in enumerate(shares):  # rank r scored documents r, r + world, ...
             predictions[rank::world] = share
     inverse = inverse_propensities(data.label_frequencies(), len(data.train), *data.propensity)
-    return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
+    if rows is None:
+        return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
+    label_offsets, positions = csr_rows(data.train.label_offsets, rows)
+    return metrics(predictions, label_offsets, data.train.label_ids[positions], inverse, ks)
 
 
 def table(*evaluations, ks=KS):

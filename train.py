@@ -98,8 +98,8 @@ class TrainingState:
     batches_done: int = 0  # training batches
     last_regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
     last_survival: float | None = None  # of the regrown slots, the share the next rewire kept
-    best_evaluation: dict = field(default_factory=dict)  # the evaluation of best test P@1, with its epoch
-    best_p3: float = -1.0  # early stopping: the best test P@3, and the evaluations since it
+    best_evaluation: dict = field(default_factory=dict)  # the evaluation of best P@1 (keep_best), with its epoch
+    best_p3: float = -1.0  # early stopping: the best P@3 (keep_best), and the evaluations since it
     evaluations_since_best_p3: int = 0
 
 
@@ -148,13 +148,13 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
                                                             find_unused_parameters=network.meta is not None)
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
-    batches_per_epoch = math.ceil(len(xmc.train) // world / (config.batch_size // world))
+    batches_per_epoch = math.ceil(len(xmc.fit_rows()) // world / (config.batch_size // world))
     optimizers = make_optimizers(config, network)
     schedule = functools.partial(warmup_then_cosine, warmup=config.warmup_steps,
                                  total=schedule_length(config, batches_per_epoch))
-    bow_inputs = config.encoder == "bow" and xmc.vocabulary is not None  # a bag-of-words model of raw text
-    inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow_inputs else None,
-                  idf=torch.from_numpy(xmc.idf) if bow_inputs else None)
+    bow = config.encoder == "bow"  # new documents need raw text's vocabulary, and the idf of text or of --idf
+    inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow else None,
+                  idf=torch.from_numpy(xmc.idf) if bow and xmc.idf is not None else None)
     rewire_schedule = dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch,
                                          config.rewire_interval, config.rewire_fraction, config.rewire_threshold,
                                          config.rewire_fraction_schedule, config.rewire_threshold_floor)
@@ -162,7 +162,7 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
                    label_counts=torch.from_numpy(xmc.label_frequencies().astype(np.int32)),  # plot.py: head vs tail
                    max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
-                                       propensity=(config.propensity_a, config.propensity_b)))
+                                       propensity=(config.propensity_a, config.propensity_b), idf=config.idf))
     return TrainingState(
         network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
         batches_per_epoch=batches_per_epoch, rewire_schedule=rewire_schedule, rebuild=rebuild,
@@ -243,15 +243,15 @@ def step_record(config, state, epoch, s, losses, batches, seconds, device):
     return record
 
 
-def train_epoch(config, state, epoch, split, tokens, device, run_log):
-    """One pass over the training split, in an order fixed by (seed, epoch); the epoch's averages.
+def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
+    """One pass over the training documents `rows`, in an order fixed by (seed, epoch); the epoch's averages.
     Windows of grad_accum batches; the last one of the epoch may be shorter. With --log-every N, a
     step record every N batches."""
     state.network.train()
     torch.manual_seed(seed_of(config.seed, epoch, state.rank))  # dropout: fixed per epoch (exact resume), new per rank
     totals, rewired = torch.zeros(3, dtype=torch.float64), 0
     batches = data.batches(split, config.batch_size // state.world, shuffle=True, seed=config.seed, epoch=epoch,
-                           tokens=tokens, rank=state.rank, world=state.world, even=True)
+                           tokens=tokens, rank=state.rank, world=state.world, even=True, rows=rows)
     progress = tqdm(batches, total=state.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                     mininterval=1.0, disable=None if state.rank == 0 else True, leave=False)
     since, since_totals, since_number = time.time(), totals.clone(), 0  # where the last step record left off
@@ -273,13 +273,14 @@ def train_epoch(config, state, epoch, split, tokens, device, run_log):
     return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
 
 
-def keep_best(state, epoch, results):
-    """After an evaluation: remember the best test P@1 (the caller saves checkpoint.best.pt when
-    this returns True), and count evaluations without a better test P@3 (--patience)."""
-    state.evaluations_since_best_p3 = 0 if results["P@3"] > state.best_p3 else state.evaluations_since_best_p3 + 1
-    state.best_p3 = max(state.best_p3, results["P@3"])
-    if results["P@1"] > state.best_evaluation.get("P@1", -1.0):
-        state.best_evaluation = {"epoch": epoch + 1, **results}
+def keep_best(state, epoch, evaluated):
+    """After an evaluation: remember the one of best P@1 (True: the caller saves checkpoint.best.pt), count those
+    without a better P@3 (--patience); both by the validation split when held out, else the test split (the release)."""
+    chosen = evaluated.get("validation", evaluated)
+    state.evaluations_since_best_p3 = 0 if chosen["P@3"] > state.best_p3 else state.evaluations_since_best_p3 + 1
+    state.best_p3 = max(state.best_p3, chosen["P@3"])
+    if chosen["P@1"] > state.best_evaluation.get("validation", state.best_evaluation).get("P@1", -1.0):
+        state.best_evaluation = {"epoch": epoch + 1, **evaluated}
         return True
     return False
 
@@ -340,20 +341,29 @@ def load_data(config, out, rank, world):
         torch.distributed.barrier()
     max_leaf = config.max_leaf if config.aux_weight > 0 else None
     xmc, clusters, tokens, seconds = xc_files.prepare(source, config.format, config.augment_labels,
-                                                      (config.propensity_a, config.propensity_b), config.encoder,
-                                                      config.max_length, max_leaf, fallback=out)
+                                                      (config.propensity_a, config.propensity_b), config.idf,
+                                                      config.encoder, config.max_length, max_leaf, fallback=out)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
+    data.hold_out(xmc, config.validation_fraction, config.seed)
     features = f"{xmc.num_features:,} features, " if xmc.num_features else ""  # a transformer needs none
-    print(f"{xmc.name}: {len(xmc.train):,} train / {len(xmc.test):,} test documents, {features}"
+    validation = f" ({len(xmc.validation):,} of them held out for validation)" if xmc.validation is not None else ""
+    print(f"{xmc.name}: {len(xmc.train):,} train{validation} / {len(xmc.test):,} test documents, {features}"
           f"{xmc.num_labels:,} labels ({time.time() - started:.1f}s)")
     return source, xmc, clusters, tokens or {"train": None, "test": None}, seconds
 
 
-def evaluate_test(config, state, xmc, tokens, device):
-    """P@k, nDCG@k, PSP@k on the test split (under torchrun: each rank scores a share)."""
-    test = data.batches(xmc.test, config.eval_batch_size, tokens=tokens, rank=state.rank, world=state.world)
-    return evaluate.evaluate(state.network, xmc, test, device, world=state.world)
+def evaluate_splits(config, state, xmc, tokens, device):
+    """P@k, nDCG@k, PSP@k on the test split, and under "validation" on the validation split when one
+    is held out (under torchrun: each rank scores a share)."""
+    def score(split, rows, split_tokens):
+        batches = data.batches(split, config.eval_batch_size, tokens=split_tokens, rank=state.rank,
+                               world=state.world, rows=rows)
+        return evaluate.evaluate(state.network, xmc, batches, device, world=state.world, rows=rows)
+    results = score(xmc.test, None, tokens["test"])
+    if xmc.validation is not None:
+        results["validation"] = score(xmc.train, xmc.validation, tokens["train"])
+    return results
 
 
 def epoch_record(state, epoch, trained, evaluated, seconds, device):
@@ -384,22 +394,24 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     results, epoch = {}, first_epoch - 1
     for epoch in range(first_epoch, config.epochs):
         epoch_start = time.time()
-        trained = train_epoch(config, state, epoch, xmc.train, tokens["train"], device, run_log)
+        trained = train_epoch(config, state, epoch, xmc.train, xmc.fit_rows(), tokens["train"], device, run_log)
         if not all(bool(torch.isfinite(p).all()) for p in state.network.parameters()):
             raise FloatingPointError(f"non-finite weights after batch {state.batches_done}; the checkpoint of the "
                                      f"epoch before is kept")
         evaluated, improved = {}, False
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
-            results = evaluated = evaluate_test(config, state, xmc, tokens["test"], device)
+            results = evaluated = evaluate_splits(config, state, xmc, tokens, device)
             improved = keep_best(state, epoch, evaluated)
         record = epoch_record(state, epoch, trained, evaluated, time.time() - epoch_start, device)
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
-              f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else ""))
+              f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else "")
+              + (f" (validation P@1 {results['validation']['P@1']:.2f})" if "validation" in evaluated else ""))
         run_log.write(record)
         if rank == 0:
             checkpoint.save_epoch(out, checkpoint.checkpoint_state(state, epoch, config), best=improved)
         if config.patience and state.evaluations_since_best_p3 >= config.patience:
-            print(f"early stop: test P@3 has not improved for {state.evaluations_since_best_p3} evaluations")
+            print(f"early stop: {'test' if xmc.validation is None else 'validation'} P@3 has not improved for "
+                  f"{state.evaluations_since_best_p3} evaluations")
             break
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             run_log.close()
@@ -421,7 +433,8 @@ def report(config, state, xmc, results, epoch, seconds, device):
     print(f"\n{xmc.name}, {'sparse' if config.sparse else 'dense'} classifier, {epoch + 1} epochs in {seconds:.0f}s:")
     if results:
         best = state.best_evaluation
-        print(evaluate.table((f"last, epoch {epoch + 1}", results), (f"best P@1, epoch {best['epoch']}", best)))
+        chosen = f"best {'validation' if 'validation' in best else 'test'} P@1, epoch {best['epoch']}"
+        print(evaluate.table((f"last, epoch {epoch + 1}", results), (chosen, best)))
     if device.type == "cuda":
         print(f"peak GPU memory {memory_report(state.network, device)['peak_gpu_MB']:.0f} MB")
 

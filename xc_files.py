@@ -326,9 +326,10 @@ def name_of(folder):
     return folder.parent.name if folder.name == "raw_text" else folder.name
 
 
-def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5)):
+def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5), idf=False):
     """A data set: "synthetic" (generated) or a folder (any layout above; `format` forces one).
-    Bag-of-words files come with their bags; text data sets keep their texts on disk."""
+    Bag-of-words files come with their bags (idf: their values weighted by the training split's
+    idf); text data sets keep their texts on disk (their bags are tf-idf, data.attach_bags)."""
     if source == "synthetic":
         return replace(data.synthetic(), propensity=tuple(propensity))
     folder = Path(source)
@@ -338,8 +339,13 @@ def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5)):
                         f"holds '{layout}' files")
     reader = {"bow": load_bow, "raw": load_raw_text, "lf": functools.partial(load_lf, augment_labels=augment_labels)}
     xmc = reader[layout](name_of(folder), files)
+    if idf and layout == "bow":
+        xmc.idf = data.feature_idf(xmc.train, xmc.num_features)
+        for split in (xmc.train, xmc.test):
+            data.weight_by_idf(split, xmc.idf)
     xmc.folder = files["test"].parent if layout == "lf" else folder
-    xmc.fingerprint = data.fingerprint(layout, augment_labels, *sorted(files.values()))
+    xmc.fingerprint = data.fingerprint(layout, augment_labels, *(["idf"] if idf and layout == "bow" else []),
+                                       *sorted(files.values()))
     xmc.propensity = tuple(propensity)
     return xmc
 
@@ -347,10 +353,13 @@ def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5)):
 def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where="<stdin>"):
     """New documents for a bag-of-words model's predict, as a data.Split without labels: texts through
     the training vocabulary and idf when the model was trained on raw text; otherwise "f:v f:v ..."
-    lines as in the bag-of-words files (a leading label field is checked, then ignored). A document
+    lines as in the bag-of-words files (a leading label field is checked, then ignored; weighted by
+    `idf` when given, as training weighted the files' values). A document
     with no known word or feature gets an empty bag."""
     if vocabulary is None:
         split = parse_bow_lines(enumerate(lines, start=1), where, num_features, num_labels)
+        if idf is not None:  # the model's training split weighted its files' features so (load)
+            data.weight_by_idf(split, idf)
         bags = split.bag_offsets, split.bag_ids, split.bag_values
     else:
         bags = data.join_bags(data.text_bags(lines, vocabulary, idf))
@@ -420,7 +429,7 @@ def token_cache(split, tokenizer_name, max_length, cache_dir):
 # ---------------------------------------------------------------------------------------------
 # Everything a run reads.
 
-def prepare(source, format, augment_labels, propensity, encoder, max_length, max_leaf, fallback):
+def prepare(source, format, augment_labels, propensity, idf, encoder, max_length, max_leaf, fallback):
     """The data set (load), and what a model reads besides it: bags of words for the bag-of-words
     encoder, label clusters for the aux loss (max_leaf: labels per cluster; None: no clusters),
     token-id caches for a transformer; caches next to the data, or in `fallback` (cache_dir).
@@ -431,7 +440,7 @@ def prepare(source, format, augment_labels, propensity, encoder, max_length, max
         nonlocal clock
         seconds[stage], clock = time.time() - clock, time.time()
 
-    xmc = load(source, format, augment_labels, propensity)
+    xmc = load(source, format, augment_labels, propensity, idf)
     if encoder == "bow":
         data.attach_bags(xmc)
     elif xmc.train.texts is None:

@@ -1,6 +1,7 @@
 """data.py against independent references: tf-idf bags and streamed PIFA vectors against dense
 matrices, label clusters, the synthetic generator, and batches (also as ranks of one process)."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -140,3 +141,40 @@ def test_ranks_share_each_global_batch_as_one_process_would_see_it():
     order = np.random.default_rng([1, 4]).permutation(103)  # the last batch: 7 documents, of which
     kept = data.make_batch(xmc.train, order[96:102])  # the first 6 are kept (even: 102 = 3 * 34)
     assert documents(kept) == sorted(sum((documents(share[-1]) for share in shares), []))
+
+
+def test_hold_out_is_a_seeded_disjoint_share_of_the_training_documents():
+    xmc = data.synthetic(num_labels=50, num_topics=5, vocabulary=200, num_train=200, num_test=20)
+    data.hold_out(xmc, 0.1, seed=3)
+    assert len(xmc.validation) == 20 and len(xmc.fit) == 180
+    assert sorted(set(xmc.validation) | set(xmc.fit)) == list(range(200)) and not set(xmc.validation) & set(xmc.fit)
+    assert list(xmc.validation) == sorted(xmc.validation) and list(xmc.fit_rows()) == list(xmc.fit)
+    held = xmc.validation.copy()
+    data.hold_out(xmc, 0.1, seed=3)
+    assert np.array_equal(xmc.validation, held)  # the same every run (resume rebuilds it)
+    data.hold_out(xmc, 0.1, seed=4)
+    assert not np.array_equal(xmc.validation, held)
+    frequencies = xmc.label_frequencies()
+    assert frequencies.sum() == len(xmc.train.label_ids)  # propensities: the whole training split's
+    data.hold_out(xmc, 0.0, seed=3)
+    assert xmc.validation is None and list(xmc.fit_rows()) == list(range(200))
+    for fraction in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="validation-fraction"):
+            data.hold_out(xmc, fraction, seed=0)
+    one = data.synthetic(num_labels=5, num_topics=1, vocabulary=20, num_train=1, num_test=2)
+    with pytest.raises(data.DataError, match="too few"):
+        data.hold_out(one, 0.5, seed=0)
+
+
+def test_batches_of_chosen_rows_take_exactly_those_documents():
+    xmc = data.synthetic(num_labels=50, num_topics=5, vocabulary=200, num_train=60, num_test=20)
+    rows = np.array([1, 4, 9, 16, 25, 36, 49])
+    in_order = [b for b in data.batches(xmc.train, 3, rows=rows)]
+    positives = [labels for b in in_order for labels in
+                 [b.positive_labels[b.positive_rows == r].tolist() for r in range(b.size)]]
+    assert positives == [sorted(xmc.train.labels_of(r).tolist()) for r in rows]
+    shuffled = [b.size for b in data.batches(xmc.train, 3, shuffle=True, seed=0, epoch=1, rows=rows)]
+    assert shuffled == [3, 3, 1]
+    everything = next(data.batches(xmc.train, 60, shuffle=True, seed=2, epoch=0))
+    same = next(data.batches(xmc.train, 60, shuffle=True, seed=2, epoch=0, rows=np.arange(60)))
+    assert torch.equal(everything.positive_labels, same.positive_labels)  # rows=all: the order of before

@@ -75,3 +75,21 @@ def test_batched_top_k_equals_full_sort():
     labels, values = evaluate.predict_top_k(FixedScores(scores), data.batches(split, 5), 5, "cpu")
     assert np.array_equal(labels, scores.argsort(dim=1, descending=True)[:, :5].numpy())
     assert np.allclose(values, scores.sort(dim=1, descending=True).values[:, :5].numpy())
+
+
+def test_the_validation_split_is_scored_against_its_own_labels_with_the_whole_training_splits_propensities():
+    rng = np.random.default_rng(4)
+    truth = [sorted(rng.choice(12, rng.integers(0, 4), replace=False).tolist()) for _ in range(30)]
+    offsets, ids = to_csr(truth)
+    train = data.Split(offsets, ids.astype(np.int32))
+    empty = data.Split(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    xmc = data.XMCData("toy", train, empty, num_labels=12)
+    rows = np.array([2, 3, 7, 11, 19, 25])
+    scores = torch.randn(len(rows), 12, generator=torch.Generator().manual_seed(1))
+    results = evaluate.evaluate(FixedScores(scores), xmc, data.batches(train, 4, rows=rows), "cpu", rows=rows)
+    frequencies = np.array([sum(l in labels for labels in truth) for l in range(12)])  # all 30 documents
+    inverse = evaluate.inverse_propensities(frequencies, 30)
+    predictions = scores.argsort(dim=1, descending=True).numpy()
+    for k in evaluate.KS:
+        for name, value in brute_force([truth[r] for r in rows], predictions, inverse, k).items():
+            assert results[name] == pytest.approx(value, abs=1e-9), name

@@ -52,23 +52,26 @@ def datasets(tmp_path, monkeypatch):
 
 
 def trained(datasets, name):
-    folder = datasets / "data" / name.removeprefix("tiny-")
+    folder = datasets / "data" / name.removeprefix("tiny-").removesuffix("-idf")
     config = Config(data=str(folder), out=str(datasets / name), epochs=4, dim=32, fan_in=8, intermediate=32,
-                    batch_size=32, warmup_steps=5, rewire_interval=5, lr_encoder=1e-2, aux_weight=0.0, device="cpu")
+                    batch_size=32, warmup_steps=5, rewire_interval=5, lr_encoder=1e-2, aux_weight=0.0, device="cpu",
+                    idf=name.endswith("-idf"))
     results = train.run(config)
     return Path(config.out) / "checkpoint.pt", results
 
 
-@pytest.mark.parametrize("name", ["tiny-raw", "tiny-bow"])
+@pytest.mark.parametrize("name", ["tiny-raw", "tiny-bow", "tiny-bow-idf"])
 def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name, capsys):
     """documents() must turn a line into the same bag as the data set's reader did: text through
-    the training vocabulary and idf, or 'f:v' features L2-normalised."""
+    the training vocabulary and idf, or 'f:v' features L2-normalised (and weighted by the training
+    split's idf, with --idf)."""
     checkpoint, results = trained(datasets, name)
     assert results["P@1"] > 50  # it learned: each label has its own two words
     network, xmc, batches = evaluate.load_for_evaluation(checkpoint, 16, "cpu")
     expected_labels, expected_scores = evaluate.predict_top_k(network, batches, 3, "cpu")
 
     path = datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt")
+    assert (load_checkpoint(checkpoint)["inputs"]["idf"] is None) == (name == "tiny-bow")
     lines = [line for _, line in xc_files.read_lines(path)][0 if name == "tiny-raw" else 1:]  # no bag-of-words header
     predicted = evaluate.predict(load_checkpoint(checkpoint), checkpoint.parent, lines, 3, 7, "cpu", "test")
     assert len(predicted) == len(lines)

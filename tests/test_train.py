@@ -403,3 +403,37 @@ def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilbe
         assert sorted(n for n in decayed if "norm" in n.lower()) == sorted(decayed_norms), no_decay
         assert "encoder.transformer.embeddings.LayerNorm.weight" in exempt
         assert all(n.endswith("bias") for n in exempt if "norm" not in n.lower())
+
+
+def test_with_a_validation_split_no_choice_reads_the_test_split(tmp_path):
+    """Permuting the test labels among the test documents changes every test number and no saved
+    checkpoint: the best epoch, early stopping and the weights all come from the validation split."""
+    from conftest import corpus
+    rows = {"train": corpus(300, 0), "test": corpus(80, 1)}
+    permuted = [(labels, text) for (_, text), (labels, _) in
+                zip(rows["test"], [rows["test"][i] for i in np.random.default_rng(0).permutation(80)])]
+    saved = {}
+    for name, test in (("original", rows["test"]), ("permuted", permuted)):
+        folder = write_data_set(tmp_path / name, "bow", {"train": rows["train"], "test": test})
+        config = Config(data=str(folder), out=str(tmp_path / f"run-{name}"), epochs=12, dim=16, intermediate=0,
+                        fan_in=4, batch_size=32, warmup_steps=5, lr_encoder=3e-2, lr_classifier=3e-2,
+                        rewire_interval=5, aux_weight=0.4, aux_epochs=3, max_leaf=4, validation_fraction=0.2,
+                        patience=2)
+        train.run(config)
+        saved[name] = {kind: torch.load(Path(config.out) / f"checkpoint{kind}.pt", weights_only=True)
+                       for kind in ("", ".best", ".previous")}
+    def same(a, b):  # nested dicts and lists of tensors and numbers, exactly
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(map(same, a, b))
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    for kind, original in saved["original"].items():
+        permuted = saved["permuted"][kind]
+        assert original["epoch"] == permuted["epoch"] and original["best"]["epoch"] == permuted["best"]["epoch"]
+        assert original["best"]["validation"] == permuted["best"]["validation"]
+        for part in ("model", "optimizers", "schedulers", "regrown", "best_p3", "stale"):
+            assert same(original[part], permuted[part]), (kind, part)
+        assert original["best"]["P@1"] != permuted["best"]["P@1"]  # the test split itself did change
+    assert saved["original"][""]["epoch"] + 1 < 12  # early stopping did act (on validation P@3)

@@ -2,6 +2,7 @@
 unreadable paths), the release's label ids, filtered evaluation and label-text augmentation,
 token caches (built once, reused, rebuilt when stale or damaged) and where caches go."""
 import json
+import math
 import os
 
 import numpy as np
@@ -322,3 +323,20 @@ def test_a_folder_or_an_unreadable_file_is_a_one_line_error_naming_it(tmp_path, 
     refuse_to_open(monkeypatch, labels)
     with pytest.raises(data.DataError, match=f"^{labels}: cannot be opened \\(Permission denied\\)$"):
         xc_files.load(folder)
+
+
+def test_idf_weights_a_bag_of_words_files_features_by_the_training_splits_idf(tmp_path):
+    folder = write_data_set(tmp_path / "bow", "bow", SPLITS)
+    plain, weighted = xc_files.load(folder), xc_files.load(folder, idf=True)
+    train = [set(text.split()) for _, text in SPLITS["train"]]
+    for split in ("train", "test"):
+        a, b = getattr(plain, split), getattr(weighted, split)
+        assert np.array_equal(a.bag_ids, b.bag_ids)
+        for row, (_, text) in enumerate(SPLITS[split]):
+            words = sorted(set(text.split()))  # the writer's f:1 features, in its order
+            assert b.bag_ids[b.bag_offsets[row]:b.bag_offsets[row + 1]].tolist() == [int(w[1:]) for w in words]
+            idf = np.array([math.log((1 + len(train)) / (1 + sum(w in doc for doc in train))) + 1 for w in words])
+            expected = idf / np.linalg.norm(idf)  # values 1, times idf, L2-normalised
+            got = b.bag_values[b.bag_offsets[row]:b.bag_offsets[row + 1]]
+            assert np.allclose(got, expected, atol=1e-6), (split, row)
+    assert plain.idf is None and weighted.idf is not None and plain.fingerprint != weighted.fingerprint
