@@ -59,7 +59,7 @@ def plot_runs(runs, out):
     for number, run in enumerate(runs):
         epochs, _ = read_log(run)
         name, color = Path(run).name, f"C{number}"
-        best = epochs[-1].get("best_epoch") if epochs else None  # by test P@1, as train.py keeps it
+        best = epochs[-1].get("best_epoch") if epochs else None  # by P@1 of validation (else test), as train.py keeps it
         for axis, key in zip(axes[0], ("P@1", "P@5", "PSP@5")):
             points = curve(axis, epochs, key, name, color=color, marker=".")
             if best is not None and any(e == best for e, _ in points):

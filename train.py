@@ -46,7 +46,7 @@ import dst
 import evaluate
 import model
 import xc_files
-from config import parse_config
+from config import batches_in_an_epoch, lengthened, parse_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +146,7 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
         # meta head goes idle when the aux loss ends (DDP warns once, at step 1, that all were used).
         replica = torch.nn.parallel.DistributedDataParallel(network, forward_sync_buffers=False,
                                                             find_unused_parameters=network.meta is not None)
-    if config.batch_size % world:
-        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
-    batches_per_epoch = math.ceil(len(xmc.fit_rows()) // world / (config.batch_size // world))
+    batches_per_epoch = batches_in_an_epoch(config, len(xmc.fit_rows()), world)
     optimizers = make_optimizers(config, network)
     schedule = functools.partial(warmup_then_cosine, warmup=config.warmup_steps,
                                  total=schedule_length(config, batches_per_epoch))
@@ -383,6 +381,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     if config.dry_run:  # first what a preset plus flags amount to, one `name = value` line per field
         print("\n".join(f"{name} = {value!r}" for name, value in dataclasses.asdict(config).items()))
     source, xmc, clusters, tokens, seconds = load_data(config, out, rank, world)
+    config = lengthened(config, len(xmc.fit_rows()), world)  # --min-steps
     state = set_up(config, source, xmc, clusters, device, rank, world)
     if config.dry_run:
         return dry_run(xmc, state, tokens, seconds, device)

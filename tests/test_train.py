@@ -227,6 +227,18 @@ def test_the_best_epoch_is_kept_and_logged_and_unevaluated_epochs_log_no_metrics
     assert log[1]["survived"] is not None and log[2]["survived"] is None
 
 
+@pytest.mark.parametrize("grad_accum, min_steps, epochs", [(1, 40, 3), (2, 40, 4), (1, 10, 2)])
+def test_min_steps_adds_epochs_until_the_run_takes_that_many_optimizer_steps(tiny, grad_accum, min_steps, epochs):
+    """600 documents in batches of 32 are 19 batches an epoch: 19 optimizer steps, or 10 in windows
+    of 2 (the last one short). The run takes the fewest epochs that reach min_steps, never fewer than
+    --epochs; the schedulers' step count is what the optimizers did."""
+    train.run(dataclasses.replace(tiny, epochs=2, min_steps=min_steps, grad_accum=grad_accum, aux_weight=0.0))
+    log = [json.loads(line) for line in open(Path(tiny.out) / "log.jsonl")]
+    steps = torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["schedulers"][0]["last_epoch"]
+    assert len(log) == epochs and steps == epochs * (19 if grad_accum == 1 else 10)
+    assert steps >= min_steps and (epochs == 2 or steps - steps // epochs < min_steps)
+
+
 def test_compile_compiles_the_encoder_in_place(tiny, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
