@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import caches
 import data
 import model
 import token_ids
@@ -139,7 +140,7 @@ def load_for_evaluation(path, batch_size, device):
         idf = None if inputs["idf"] is None else inputs["idf"].numpy()
         data.attach_bags(xmc, ("test",), inputs["vocabulary"], idf)
     else:
-        tokens = xc_files.token_cache(xmc.test, encoder_folder(run), state["max_length"], xc_files.cache_dir(xmc, run))
+        tokens = caches.token_cache(xmc.test, encoder_folder(run), state["max_length"], caches.cache_dir(xmc, run))
     return load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
 
 

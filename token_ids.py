@@ -1,5 +1,5 @@
 """Token ids for transformer encoders (plumbing of data.py, beside xc_files.py): texts cut and
-tokenised as the encoder reads them, into rows (length, ids[max_length]); xc_files.token_cache
+tokenised as the encoder reads them, into rows (length, ids[max_length]); caches.token_cache
 keeps a split's rows in a cache next to the data.
 """
 import functools

@@ -11,15 +11,13 @@ A data set is a folder in one of the repository's layouts, told apart by the fil
         targets `target_ind` into lbl.json's lines; filter_labels_test.txt when present.
 Label ids follow the official release: the sorted union of the training and test labels (names,
 or target_ind integers), so a label seen only in the test split keeps a row and L is the data
-set's published label count. Texts stay on disk (Texts streams them); a transformer's batches are
-read from a token-id cache next to the data (a memory-mapped .npy file, built once, reused by later
-runs and evaluate.py), and the label clusters are cached there too.
+set's published label count. Texts stay on disk (Texts streams them); `prepare` adds the label
+clusters and a transformer's token ids, from caches next to the data (caches.py).
 """
 import functools
 import gzip
 import json
 import math
-import os
 import time
 import zlib
 from array import array
@@ -27,10 +25,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import caches
 import data
-import token_ids
 
 XC_REPOSITORY = "the Extreme Classification Repository (http://manikvarma.org/downloads/XC/XMLRepository.html)"
 
@@ -367,66 +364,6 @@ def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where=
 
 
 # ---------------------------------------------------------------------------------------------
-# Caches next to the data (label clusters, token ids): written once, atomically; rebuilt when damaged.
-
-def cache_dir(xmc, fallback):
-    """Where xmc's caches go: next to its files, or `fallback` (the run directory) when that folder
-    is read-only or the data is generated."""
-    return xmc.folder if xmc.folder is not None and os.access(xmc.folder, os.W_OK) else Path(fallback)
-
-
-def cached(path, build, valid):
-    """The array in the .npy file `path` (memory-mapped) if it loads and passes `valid`; otherwise
-    build(file) writes it to a temporary file, renamed into place once complete, so a crash never
-    leaves half a cache, and a damaged or foreign file is rebuilt, never trusted."""
-    if path.exists():
-        try:
-            array_ = np.load(path, mmap_mode="r")
-            if valid(array_):
-                return array_
-        except (ValueError, OSError, EOFError):  # a damaged header, a short file
-            pass
-        print(f"{path}: not a valid cache; rebuilding it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        build(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r")
-
-
-def save_array(path, values):
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
-        np.save(f, values)
-
-
-def label_clusters(xmc, max_leaf, cache_dir):
-    """Cluster id per label [L], cached in cache_dir under a name keyed by the data and max_leaf."""
-    key = data.fingerprint(xmc.fingerprint, max_leaf, data.MAX_VOCABULARY)
-    build = lambda file: save_array(file, data.cluster_labels(data.pifa_embeddings(xmc), max_leaf).numpy())
-    valid = lambda a: a.shape == (xmc.num_labels,) and a.dtype == np.int64 and bool((a >= 0).all())
-    return torch.from_numpy(np.array(cached(Path(cache_dir) / f"clusters_{max_leaf}_{key}.npy", build, valid)))
-
-
-def token_cache(split, tokenizer_name, max_length, cache_dir):
-    """The split's token rows, from a cache file keyed by its text files, the tokenizer (its whole
-    definition, not only its name) and max_length; built on first use, one batch at a time."""
-    tokenizer = token_ids.load_tokenizer(tokenizer_name)
-    definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else (tokenizer_name, len(tokenizer))
-    key = data.fingerprint(*(p for part in split.texts.parts for p in part), definition, max_length)
-    dtype = token_ids.token_dtype(tokenizer, max_length)
-
-    def build(file):
-        rows = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=(len(split),))
-        token_ids.tokenize(data.texts_of(split, "token ids"), tokenizer, max_length, rows)
-        rows.flush()
-
-    return cached(Path(cache_dir) / f"tokens_{key}.npy", build, lambda a: a.shape == (len(split),) and a.dtype == dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # Everything a run reads.
 
 def prepare(source, format, augment_labels, propensity, idf, encoder, max_length, max_leaf, fallback):
@@ -446,10 +383,10 @@ def prepare(source, format, augment_labels, propensity, idf, encoder, max_length
     elif xmc.train.texts is None:
         raise data.DataError(f"--encoder {encoder} reads texts, and {source} holds bags of words only")
     lap("load_s")
-    cache = cache_dir(xmc, fallback)
-    clusters = None if max_leaf is None else label_clusters(xmc, max_leaf, cache)
+    cache = caches.cache_dir(xmc, fallback)
+    clusters = None if max_leaf is None else caches.label_clusters(xmc, max_leaf, cache)
     lap("clusters_s")
-    tokens = None if encoder == "bow" else {s: token_cache(getattr(xmc, s), encoder, max_length, cache)
+    tokens = None if encoder == "bow" else {s: caches.token_cache(getattr(xmc, s), encoder, max_length, cache)
                                             for s in ("train", "test")}
     lap("tokens_s")
     return xmc, clusters, tokens, seconds

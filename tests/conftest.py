@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,12 @@ def tiny_bert(directory, words=WORDS, hidden=16):
                                      attention_probs_dropout_prob=0.0)  # no dropout: runs can be compared
     transformers.BertModel(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny local BERT's folder (tiny_bert), built once per test module."""
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def write(path, text, gz=False):

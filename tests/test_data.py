@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import caches
 import data
 import xc_files
 from conftest import SPLITS, write, write_data_set
@@ -96,13 +97,13 @@ def test_clusters_group_labels_of_the_same_documents_and_are_cached(tmp_path, ca
     write(folder / "train.txt", f"40 2 8\n" + "\n".join(lines) + "\n")
     write(folder / "test.txt", "1 2 8\n0 0:1\n")
     xmc = xc_files.load(folder)
-    assignment = xc_files.label_clusters(xmc, max_leaf=4, cache_dir=folder)
+    assignment = caches.label_clusters(xmc, max_leaf=4, cache_dir=folder)
     assert len(set(assignment[:4].tolist())) == 1 and len(set(assignment[4:].tolist())) == 1
     assert assignment[0] != assignment[4]
     cache = list(folder.glob("clusters_4_*.npy"))
     assert len(cache) == 1
     cache[0].write_bytes(cache[0].read_bytes()[:50])  # damaged: rebuilt, never trusted
-    assert torch.equal(xc_files.label_clusters(xmc, max_leaf=4, cache_dir=folder), assignment)
+    assert torch.equal(caches.label_clusters(xmc, max_leaf=4, cache_dir=folder), assignment)
     assert "not a valid cache; rebuilding it" in capsys.readouterr().out
     assert torch.equal(torch.from_numpy(np.load(cache[0])), assignment) and not list(folder.glob(".*tmp*"))
 

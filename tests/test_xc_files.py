@@ -1,9 +1,8 @@
 """xc_files.py: readers of every layout (gzipped or not, good and malformed files, empty splits,
 unreadable paths), the release's label ids, filtered evaluation and label-text augmentation,
-token caches (built once, reused, rebuilt when stale or damaged) and where caches go."""
+the tokenizer on cut texts."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import data
 import evaluate
 import token_ids
 import xc_files
-from conftest import SPLITS, FixedScores, refuse_to_open, tiny_bert, write, write_data_set
+from conftest import SPLITS, FixedScores, refuse_to_open, write, write_data_set
 from test_data import labels_of
 
 BOW = "3 6 4\n0,2 0:1 3:0.5\n 1:2\n3 5:1 0:1\n"
@@ -201,11 +200,6 @@ def test_lines_survive_a_missing_final_newline_and_stray_carriage_returns(tmp_pa
     assert list(xc_files.read_lines(path)) == []
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
 BLANKS = [" ", "  ", "\t", " \n ", "\r\n", "\u00a0", "\x85", "\u2003", "\x1c"]  # \x1c: Python's blank, BERT deletes it
 PIECES = ["red", "green", "blue", "apple", "unripe", "reds", "pie", "sky", "xyz", ",", "!", "Sky", "caf\u00e9",
           "[PAD]", "[SEP]"]
@@ -225,47 +219,6 @@ def test_cut_texts_tokenise_exactly_as_whole_texts(tokenizer_dir, documents, max
     whole = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="np")
     assert np.array_equal(rows["ids"], whole["input_ids"])
     assert np.array_equal(rows["length"], whole["attention_mask"].sum(1))
-
-
-def test_token_cache_is_built_once_reused_and_rebuilt_when_stale_or_damaged(tmp_path, tokenizer_dir, monkeypatch, capsys):
-    folder = write_data_set(tmp_path / "Set", "raw", SPLITS)
-    write(folder / "test_raw_texts.txt", "red apple\nsky [PAD] sea\n" + "pie\n" * 10)
-    xmc = xc_files.load(folder)
-    monkeypatch.setattr(token_ids, "TOKENIZE_BATCH", 5)  # several batches
-    rows = np.array(xc_files.token_cache(xmc.test, str(tokenizer_dir), 6, folder))  # a copy: the test damages the file
-    tokenizer = token_ids.load_tokenizer(tokenizer_dir)
-    expected = tokenizer(list(xmc.test.texts), max_length=6, truncation=True, padding="max_length", return_tensors="np")
-    assert np.array_equal(rows["ids"], expected["input_ids"]) and rows["ids"].dtype == np.uint16
-    assert rows["length"].tolist()[:2] == [4, 5]  # [CLS] red apple [SEP]; the [PAD] in the text counts
-    batch = data.make_batch(xmc.test, np.array([1, 0]), rows)
-    assert batch.tokens["input_ids"].shape == (2, 5)  # padded only as far as the longest document
-    assert batch.tokens["attention_mask"].tolist() == [[1] * 5, [1] * 4 + [0]]
-
-    caches = list(folder.glob("tokens_*.npy"))
-    monkeypatch.setattr(token_ids, "encode", None)  # a second run must not tokenise again
-    assert np.array_equal(xc_files.token_cache(xmc.test, str(tokenizer_dir), 6, folder), rows)
-    monkeypatch.undo()
-    monkeypatch.setattr(token_ids, "TOKENIZE_BATCH", 5)
-
-    caches[0].write_bytes(caches[0].read_bytes()[:200])  # damaged
-    assert np.array_equal(xc_files.token_cache(xmc.test, str(tokenizer_dir), 6, folder), rows)
-    assert "not a valid cache" in capsys.readouterr().out
-    write(folder / "test_raw_texts.txt", "blue sky\n" * 12)  # a changed file: a new cache
-    fresh = xc_files.token_cache(xc_files.load(folder).test, str(tokenizer_dir), 6, folder)
-    assert fresh["ids"][0, :4].tolist() == tokenizer("blue sky")["input_ids"]
-    assert len(list(folder.glob("tokens_*.npy"))) == 2 and not list(folder.glob(".*tmp*"))
-
-
-def test_a_read_only_data_folder_puts_caches_in_the_fallback(tmp_path):
-    xmc = xc_files.load(write_data_set(tmp_path / "Set", "bow", SPLITS))
-    assert xc_files.cache_dir(xmc, tmp_path / "run") == tmp_path / "Set"
-    (tmp_path / "Set").chmod(0o555)
-    try:
-        if not os.access(tmp_path / "Set", os.W_OK):  # root may write anyway
-            assert xc_files.cache_dir(xmc, tmp_path / "run") == tmp_path / "run"
-    finally:
-        (tmp_path / "Set").chmod(0o755)
-    assert xc_files.cache_dir(data.synthetic(num_train=50, num_test=10), tmp_path / "run") == tmp_path / "run"
 
 
 # ---------------------------------------------------------------------------------------------
