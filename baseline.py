@@ -13,7 +13,6 @@ import sys
 import time
 
 import numpy as np
-import scipy.sparse
 
 import data
 import evaluate
@@ -21,6 +20,7 @@ import xc_files
 
 
 def csr(split, num_features):
+    import scipy.sparse  # napkinXC's dependency, not this project's
     return scipy.sparse.csr_matrix((split.bag_values, split.bag_ids, split.bag_offsets),
                                    shape=(len(split), num_features))
 

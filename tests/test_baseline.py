@@ -11,6 +11,7 @@ from conftest import SPLITS, write_data_set
 
 
 def test_short_prediction_lists_are_scored_as_misses(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("scipy")  # napkinXC's dependency, which baseline.py's matrices need
     folder = write_data_set(tmp_path, "bow", SPLITS)  # label ids 0..7 are the files' own: all 8 are in train
     rng = np.random.default_rng(0)
     predictions = [rng.permutation(8)[:n].tolist() for n in rng.integers(1, 6, len(SPLITS["test"]))]
