@@ -369,7 +369,7 @@ def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where=
 def prepare(source, format, augment_labels, propensity, idf, encoder, max_length, max_leaf, fallback):
     """The data set (load), and what a model reads besides it: bags of words for the bag-of-words
     encoder, label clusters for the aux loss (max_leaf: labels per cluster; None: no clusters),
-    token-id caches for a transformer; caches next to the data, or in `fallback` (cache_dir).
+    token-id caches for a transformer; caches next to the data, or in `fallback` (caches.cache_dir).
     Returns (xmc, clusters, {split: token rows} or None, seconds per stage)."""
     seconds, clock = {}, time.time()
 
