@@ -22,7 +22,7 @@ A checkpoint is a dict (torch.save; read with weights_only=True). Written by tra
   best_p3, stale   early stopping: best P@3, evaluations since it            resume
   config           every Config field of the run                             (a record)
   model_arguments  model.build's arguments                          resume (compatibility), evaluate, plot
-  inputs           label_names; a bag-of-words model's vocabulary (raw text) and idf (text, --idf)   evaluate
+  inputs           label_names; a bag-of-words model's vocabulary (raw text) and feature_weights     evaluate
   label_counts     training documents per label                                plot (head vs tail)
   max_length       tokens per document (None: the bag-of-words encoder)       evaluate
   data_arguments   xc_files.load's arguments (source folder, format, ...)         evaluate

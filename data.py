@@ -56,7 +56,7 @@ class XMCData:
     label_names: list | None = None  # names as in the files (raw text: sorted; LF: lbl.json's uid)
     num_features: int = 0  # bag-of-words features (text data sets: once word_statistics ran)
     vocabulary: list | None = None  # the words behind feature ids, when built from raw text
-    idf: np.ndarray | None = None  # and their training-split idf: what new texts need (predict)
+    feature_weights: np.ndarray | None = None  # what a bag weighs each feature by (idf_of, feature_weights)
     folder: Path | None = None  # where its files are, and its caches go
     fingerprint: str = ""  # its files and reading options: keys the caches
     propensity: tuple = (0.55, 1.5)  # PSP's constants A, B (Jain et al. 2016) of this data set
@@ -117,28 +117,37 @@ def batched(iterable, size):
 def tfidf_bags(token_offsets, tokens, vocabulary_size, idf=None):
     """Bags from token lists (CSR): (offsets, ids, values, idf), values log(1 + count) * idf per
     distinct token, L2-normalised per document. Pass the training split's `idf` for any other
-    documents; without it, the idf log((1 + N) / (1 + df)) + 1 comes from these N documents."""
+    documents; without it, the idf comes from these N documents (idf_of)."""
     num_docs = len(token_offsets) - 1
     doc = np.repeat(np.arange(num_docs), np.diff(token_offsets))
     keys, counts = np.unique(doc * vocabulary_size + tokens, return_counts=True)  # sorted by doc
     ids = keys % vocabulary_size
     offsets = np.searchsorted(keys // vocabulary_size, np.arange(num_docs + 1))
     if idf is None:
-        document_frequency = np.bincount(ids, minlength=vocabulary_size)
-        idf = np.log((1 + num_docs) / (1 + document_frequency)).astype(np.float32) + 1
+        idf = idf_of(np.bincount(ids, minlength=vocabulary_size), num_docs)
     return offsets, ids.astype(np.int32), normalise_rows(offsets, np.log1p(counts).astype(np.float32) * idf[ids]), idf
 
 
-def feature_idf(split, num_features):
-    """Each feature's idf over a split's bags, log((1 + N) / (1 + df)) + 1 (as for raw text)."""
+def idf_of(document_frequency, num_docs):
+    """Each feature's idf, log((1 + N) / (1 + df)) + 1 over N documents; 0 for a feature none of
+    them has: its embedding is never trained, so in a new document it would only add its random
+    initialisation (a raw-text vocabulary leaves such words out)."""
+    document_frequency = np.asarray(document_frequency)
+    idf = np.log((1 + num_docs) / (1 + document_frequency)).astype(np.float32) + 1
+    return np.where(document_frequency > 0, idf, np.float32(0))
+
+
+def feature_weights(split, num_features, idf):
+    """What a bag-of-words file's features weigh, from the training split's bags: their idf (idf_of;
+    rare features weigh more, as in the bags built from raw text), else 1; either way 0 for a feature
+    no training document has (Medical's test split has 555, in 308 of its 645 documents)."""
     document_frequency = np.bincount(split.bag_ids, minlength=num_features)
-    return (np.log((1 + len(split)) / (1 + document_frequency)) + 1).astype(np.float32)
+    return idf_of(document_frequency, len(split)) if idf else (document_frequency > 0).astype(np.float32)
 
 
-def weight_by_idf(split, idf):
-    """A bag-of-words file's values times their features' idf, L2-normalised again (in place): rare
-    features weigh more, as they do in the bags built from raw text."""
-    split.bag_values = normalise_rows(split.bag_offsets, split.bag_values * idf[split.bag_ids])
+def weigh_features(split, weights):
+    """A split's bag values times their features' weights, L2-normalised again (in place)."""
+    split.bag_values = normalise_rows(split.bag_offsets, split.bag_values * weights[split.bag_ids])
 
 
 def normalise_rows(offsets, values):
@@ -190,8 +199,7 @@ def word_statistics(xmc):
     for text in texts_of(xmc.train, "vocabulary"):
         document_frequency.update(set(WORD.findall(text.lower())))
     xmc.vocabulary = [word for word, _ in document_frequency.most_common(MAX_VOCABULARY)]
-    frequency = np.array([document_frequency[word] for word in xmc.vocabulary], dtype=np.float64)
-    xmc.idf = (np.log((1 + len(xmc.train)) / (1 + frequency)) + 1).astype(np.float32)
+    xmc.feature_weights = idf_of([document_frequency[word] for word in xmc.vocabulary], len(xmc.train))
     xmc.num_features = len(xmc.vocabulary)
 
 
@@ -212,7 +220,7 @@ def bag_chunks(xmc, split):
     if split.bag_ids is None:
         word_statistics(xmc)
         start = 0
-        for offsets, ids, values in text_bags(texts_of(split, "bags of words"), xmc.vocabulary, xmc.idf):
+        for offsets, ids, values in text_bags(texts_of(split, "bags of words"), xmc.vocabulary, xmc.feature_weights):
             yield start, offsets, ids, values
             start += len(offsets) - 1
         return
@@ -234,7 +242,7 @@ def attach_bags(xmc, splits=("train", "test"), vocabulary=None, idf=None):
     """Bags of words of a text data set's splits, for the bag-of-words encoder: over `vocabulary`
     and `idf` when given (a checkpoint's), else over the training texts' (word_statistics)."""
     if vocabulary is not None:
-        xmc.vocabulary, xmc.idf, xmc.num_features = list(vocabulary), idf, len(vocabulary)
+        xmc.vocabulary, xmc.feature_weights, xmc.num_features = list(vocabulary), idf, len(vocabulary)
     for split in (getattr(xmc, name) for name in splits):
         if split.bag_ids is None:
             bags = join_bags(chunk[1:] for chunk in bag_chunks(xmc, split))

@@ -130,6 +130,12 @@ def load_model(state, device, run):
     return network.to(device)
 
 
+def feature_weights(inputs):
+    """A bag-of-words model's feature weights (checkpoints before 2026-12-03 call them idf)."""
+    weights = inputs.get("feature_weights", inputs.get("idf"))
+    return None if weights is None else weights.numpy()
+
+
 def load_for_evaluation(path, batch_size, device):
     """The model of a checkpoint written by train.py, its data set and test batches (bags of words
     through the checkpoint's vocabulary, or tokens from the cache training built)."""
@@ -137,8 +143,7 @@ def load_for_evaluation(path, batch_size, device):
     xmc = xc_files.load(**state["data_arguments"])
     inputs, tokens = state["inputs"], None
     if state["max_length"] is None:
-        idf = None if inputs["idf"] is None else inputs["idf"].numpy()
-        data.attach_bags(xmc, ("test",), inputs["vocabulary"], idf)
+        data.attach_bags(xmc, ("test",), inputs["vocabulary"], feature_weights(inputs))
     else:
         tokens = caches.token_cache(xmc.test, encoder_folder(run), state["max_length"], caches.cache_dir(xmc, run))
     return load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
@@ -151,9 +156,8 @@ def predict(state, run, lines, k, batch_size, device, where):
         return []
     inputs, shape = state["inputs"], state["model_arguments"]
     if state["max_length"] is None:  # a bag-of-words model: bags through its vocabulary, or f:v lines
-        idf = None if inputs["idf"] is None else inputs["idf"].numpy()
-        split, tokens = xc_files.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"], idf,
-                                       where), None
+        split, tokens = xc_files.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"],
+                                           feature_weights(inputs), where), None
         empty = int((np.diff(split.bag_offsets) == 0).sum())
         if empty:
             print(f"{where}: {empty} documents have no known word or feature; their labels come from the biases "

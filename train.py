@@ -150,9 +150,10 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
     optimizers = make_optimizers(config, network)
     schedule = functools.partial(warmup_then_cosine, warmup=config.warmup_steps,
                                  total=schedule_length(config, batches_per_epoch))
-    bow = config.encoder == "bow"  # new documents need raw text's vocabulary, and the idf of text or of --idf
+    bow = config.encoder == "bow"  # new documents need raw text's vocabulary, and the features' weights
     inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow else None,
-                  idf=torch.from_numpy(xmc.idf) if bow and xmc.idf is not None else None)
+                  feature_weights=torch.from_numpy(xmc.feature_weights) if bow and xmc.feature_weights is not None
+                  else None)
     rewire_schedule = dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch,
                                          config.rewire_interval, config.rewire_fraction, config.rewire_threshold,
                                          config.rewire_fraction_schedule, config.rewire_threshold_floor)

@@ -325,8 +325,9 @@ def name_of(folder):
 
 def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5), idf=False):
     """A data set: "synthetic" (generated) or a folder (any layout above; `format` forces one).
-    Bag-of-words files come with their bags (idf: their values weighted by the training split's
-    idf); text data sets keep their texts on disk (their bags are tf-idf, data.attach_bags)."""
+    Bag-of-words files come with their bags (their values weighted by data.feature_weights: with
+    `idf` the training split's idf); text data sets keep their texts on disk (their bags are tf-idf,
+    data.attach_bags)."""
     if source == "synthetic":
         return replace(data.synthetic(), propensity=tuple(propensity))
     folder = Path(source)
@@ -336,10 +337,10 @@ def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5), id
                         f"holds '{layout}' files")
     reader = {"bow": load_bow, "raw": load_raw_text, "lf": functools.partial(load_lf, augment_labels=augment_labels)}
     xmc = reader[layout](name_of(folder), files)
-    if idf and layout == "bow":
-        xmc.idf = data.feature_idf(xmc.train, xmc.num_features)
+    if layout == "bow":
+        xmc.feature_weights = data.feature_weights(xmc.train, xmc.num_features, idf)
         for split in (xmc.train, xmc.test):
-            data.weight_by_idf(split, xmc.idf)
+            data.weigh_features(split, xmc.feature_weights)
     xmc.folder = files["test"].parent if layout == "lf" else folder
     xmc.fingerprint = data.fingerprint(layout, augment_labels, *(["idf"] if idf and layout == "bow" else []),
                                        *sorted(files.values()))
@@ -347,19 +348,19 @@ def load(source, format="auto", augment_labels=False, propensity=(0.55, 1.5), id
     return xmc
 
 
-def documents(lines, num_features, num_labels, vocabulary=None, idf=None, where="<stdin>"):
+def documents(lines, num_features, num_labels, vocabulary=None, feature_weights=None, where="<stdin>"):
     """New documents for a bag-of-words model's predict, as a data.Split without labels: texts through
     the training vocabulary and idf when the model was trained on raw text; otherwise "f:v f:v ..."
     lines as in the bag-of-words files (a leading label field is checked, then ignored; weighted by
-    `idf` when given, as training weighted the files' values). A document
-    with no known word or feature gets an empty bag."""
+    `feature_weights` when given, as training weighted the files' values). A document with no known
+    word or feature gets an empty bag."""
     if vocabulary is None:
         split = parse_bow_lines(enumerate(lines, start=1), where, num_features, num_labels)
-        if idf is not None:  # the model's training split weighted its files' features so (load)
-            data.weight_by_idf(split, idf)
+        if feature_weights is not None:  # the model's training split weighted its files' features so (load)
+            data.weigh_features(split, feature_weights)
         bags = split.bag_offsets, split.bag_ids, split.bag_values
     else:
-        bags = data.join_bags(data.text_bags(lines, vocabulary, idf))
+        bags = data.join_bags(data.text_bags(lines, vocabulary, feature_weights))
     return data.Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), *bags)
 
 

@@ -71,7 +71,8 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
     expected_labels, expected_scores = evaluate.predict_top_k(network, batches, 3, "cpu")
 
     path = datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt")
-    assert (load_checkpoint(checkpoint)["inputs"]["idf"] is None) == (name == "tiny-bow")
+    weights = load_checkpoint(checkpoint)["inputs"]["feature_weights"]  # idf, or 1 (0: in no training document)
+    assert (set(weights.unique().tolist()) <= {0.0, 1.0}) == (name == "tiny-bow")
     lines = [line for _, line in xc_files.read_lines(path)][0 if name == "tiny-raw" else 1:]  # no bag-of-words header
     predicted = evaluate.predict(load_checkpoint(checkpoint), checkpoint.parent, lines, 3, 7, "cpu", "test")
     assert len(predicted) == len(lines)
@@ -82,6 +83,13 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
         np.testing.assert_allclose([float(score) for _, score in pairs], scores, atol=1e-4)
     if name == "tiny-raw":
         assert names[expected_labels[0, 0]].startswith("tag")  # label names, as in the training files
+
+
+def test_checkpoints_that_call_the_feature_weights_idf_still_read():
+    weights = torch.tensor([0.0, 1.5])
+    for inputs in ({"idf": weights}, {"feature_weights": weights}):
+        assert evaluate.feature_weights(inputs).tolist() == [0.0, 1.5]
+    assert evaluate.feature_weights({"idf": None}) is None
 
 
 def test_odd_documents_have_defined_behaviour(datasets, capsys):

@@ -292,4 +292,20 @@ def test_idf_weights_a_bag_of_words_files_features_by_the_training_splits_idf(tm
             expected = idf / np.linalg.norm(idf)  # values 1, times idf, L2-normalised
             got = b.bag_values[b.bag_offsets[row]:b.bag_offsets[row + 1]]
             assert np.allclose(got, expected, atol=1e-6), (split, row)
-    assert plain.idf is None and weighted.idf is not None and plain.fingerprint != weighted.fingerprint
+    assert plain.feature_weights.tolist() == [1.0] * plain.num_features  # every feature is in a training document
+    assert plain.fingerprint != weighted.fingerprint
+
+
+@pytest.mark.parametrize("idf", [False, True])
+def test_a_feature_no_training_document_has_weighs_nothing(tmp_path, idf):
+    """Feature 2 is only in the test document: its embedding would stay untrained, so it weighs 0
+    and the document's other feature keeps its whole L2 norm, in the test split and in predict's
+    new documents; feature 1, in both training documents, weighs its idf log(3/3) + 1 = 1, or 1."""
+    folder = tmp_path / "bow"
+    folder.mkdir()
+    (folder / "train.txt").write_text("2 3 2\n0 0:1 1:1\n1 1:1\n")
+    (folder / "test.txt").write_text("1 3 2\n0 1:1 2:1\n")
+    xmc = xc_files.load(folder, idf=idf)
+    assert np.allclose(xmc.feature_weights, [math.log(3 / 2) + 1 if idf else 1, 1, 0])
+    assert np.allclose(xmc.test.bag_values, [1, 0])
+    assert np.allclose(xc_files.documents(["0:1 2:1"], 3, 2, feature_weights=xmc.feature_weights).bag_values, [1, 0])
