@@ -140,7 +140,8 @@ def idf_of(document_frequency, num_docs):
 def feature_weights(split, num_features, idf):
     """What a bag-of-words file's features weigh, from the training split's bags: their idf (idf_of;
     rare features weigh more, as in the bags built from raw text), else 1; either way 0 for a feature
-    no training document has (Medical's test split has 555, in 308 of its 645 documents)."""
+    no training document has (Medical's test split has 555, in 308 of its 645 documents). A rule, not
+    a choice by validation: a validation document is a training document, so it never has one."""
     document_frequency = np.bincount(split.bag_ids, minlength=num_features)
     return idf_of(document_frequency, len(split)) if idf else (document_frequency > 0).astype(np.float32)
 
