@@ -167,7 +167,7 @@ TRANSFORMER_DEFAULTS = {k: v for k, v in PRESETS["amazon670k"].items()
 # and Medical (README), never on a test split; the best epoch is validation's. min_steps: 30 epochs of
 # Medical's 300 documents are 60 optimizer steps, shorter than the warm-up.
 BOW_DEFAULTS = dict(epochs=30, min_steps=200, dim=1024, dropout=0.7, intermediate=2048, fan_in=128, loss="bce",
-                    lr_encoder=1e-3, aux_weight=0.0, batch_size=256, validation_fraction=0.1)
+                    lr_encoder=3e-3, aux_weight=0.0, batch_size=256, validation_fraction=0.1)
 PRESETS["delicious"] = dict(BOW_DEFAULTS, format="bow")
 PRESETS["synthetic"] = {}  # Config's defaults
 
