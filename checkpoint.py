@@ -1,6 +1,6 @@
-"""Run directories, checkpoints and the run log: the plumbing beside train.py (a paper reader can
-skip this file). Everything a run writes goes through here, atomically, and evaluate.py and plot.py
-read it back through here.
+"""Run directories, checkpoints and the run log with its records: the plumbing beside train.py (a
+paper reader can skip this file). Everything a run writes goes through here, atomically, and
+evaluate.py and plot.py read it back through here.
 
 A run directory <out>/ holds
   checkpoint.pt           the newest epoch's state; --resume continues from it exactly
@@ -156,6 +156,8 @@ def check_compatible(path, saved, state, config):
     old = {**saved["model_arguments"], "data": saved["data_arguments"].get("source")}
     new = {**state.rebuild["model_arguments"], "data": state.rebuild["data_arguments"]["source"]}
     different = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in new.items() if k not in ignored and old.get(k) != v]
+    if saved["inputs"].get("vocabulary") != state.rebuild["inputs"]["vocabulary"]:  # its order is the feature ids
+        different.append("another vocabulary of the training texts here (have they changed?)")
     if different:
         raise ValueError(f"{path} belongs to another model: {'; '.join(different)}. Resume with the options "
                          f"it was trained with, or start a new run with another --out")
@@ -233,3 +235,34 @@ class RunLog:
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def step_record(config, state, epoch, s, losses, batches, seconds, device):
+    """The record of the last `batches` training batches: their mean losses, the learning rates,
+    speed, and the GPU's peak memory so far."""
+    loss, main, aux = (losses / batches).tolist()
+    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main,
+              "aux": aux, "aux_weight": s,
+              "lr": [g["lr"] for optimizer in state.optimizers for g in optimizer.param_groups],
+              "ms_per_batch": 1e3 * seconds / batches, "documents_per_s": batches * config.batch_size / seconds}
+    if device.type == "cuda":
+        record["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return record
+
+
+def epoch_record(state, epoch, trained, evaluated, seconds, device):
+    """The epoch's line of log.jsonl: its training averages, rewiring, learning rates, memory, metrics."""
+    survived = state.last_survival if trained["rewired"] else None  # an epoch without a rewire has none
+    return {**trained, "epoch": epoch + 1, "batch": state.batches_done, "survived": survived,
+            "lr": [group["lr"] for optimizer in state.optimizers for group in optimizer.param_groups],
+            "seconds": seconds, **memory_report(state.network, device), **evaluated,
+            "best_epoch": state.best_evaluation.get("epoch"), "best_P@1": state.best_evaluation.get("P@1")}
+
+
+def memory_report(network, device):
+    """The classifier's bytes and a dense one's (with AdamW's state), and the GPU's peak so far."""
+    sparse_bytes, dense_bytes = network.classifier_bytes()
+    report = {"classifier_MB": sparse_bytes / 2**20, "dense_classifier_MB": dense_bytes / 2**20}
+    if device.type == "cuda":
+        report["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return report

@@ -6,13 +6,17 @@ holds only what differs from them: `--data NAME` for the six data sets of the pa
 official release's recipe (xmc-aalto/NeurIPS24-dst, config/dataset/*.yaml) from RELEASE, one table,
 value by value as the release has it; `delicious` and a folder without a preset take the
 bag-of-words defaults chosen on four real data sets' validation splits, or with --encoder NAME the
-release's Amazon-670K recipe. Command-line flags override any value: Config < preset < flags (parse_config).
+release's Amazon-670K recipe. A paper data set's folder given as a path (`--data
+data/Amazon-670K`) takes its preset too. Command-line flags override any value, and a value
+typed fills nothing else in: Config < preset < flags (parse_config).
 """
 import argparse
 import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
+
+import torch
 
 import dst
 import model
@@ -36,7 +40,7 @@ class Config:
     dry_run: bool = False  # prepare everything up to the first step, report, exit
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
-    precision: str = "bf16"  # autocast on a GPU: bf16, fp16 (with a gradient scaler) or fp32; the CPU runs fp32
+    precision: str = "bf16"  # autocast on a GPU (training, evaluation): bf16, fp16 (+ gradient scaler) or fp32; CPU: fp32
     compile: bool = False  # torch.compile the encoder
     # model
     encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder
@@ -84,6 +88,7 @@ class Config:
     # evaluation
     eval_every: int = 1
     eval_batch_size: int = 256
+    eval_fp32: bool = False  # evaluate in fp32 (the release), not under the run's autocast (--precision)
     validation_fraction: float = 0.0  # hold out this share of the training documents (seeded) to choose by
     patience: int = 0  # stop after this many evaluations without a better P@3 (0: never): validation's, else test's
     # logging: log.jsonl gets a record per epoch, and per log_every training batches when > 0
@@ -172,6 +177,38 @@ PRESETS["delicious"] = dict(BOW_DEFAULTS, format="bow")
 PRESETS["synthetic"] = {}  # Config's defaults
 
 
+def preset_of(data):
+    """The preset `--data` takes: its own name, or a paper data set's, by its folder's name
+    (`/disk/Amazon-670K`, `.../LF-AmazonTitles-131K/raw_text`); None for any other folder."""
+    if data in PRESETS:
+        return data
+    by_folder = {xc_files.FOLDERS[name].lower(): name for name in PAPER}
+    return by_folder.get(xc_files.name_of(data).lower())
+
+
+def recipe(config):
+    """A line for the start of a run: where its values come from, and its PSP constants."""
+    preset = preset_of(config.data)
+    if preset == "synthetic":
+        origin = "Config's defaults"
+    elif preset in PAPER:
+        origin = f"the release's {preset} preset" + ("" if preset == config.data else
+                                                       f" (the folder {xc_files.name_of(config.data)} is {preset})")
+    elif config.encoder == "bow":
+        origin = "the bag-of-words folder defaults (config.BOW_DEFAULTS)"
+    else:
+        origin = "the release's Amazon-670K recipe for a transformer (config.TRANSFORMER_DEFAULTS)"
+    return f"recipe: {origin}, flags override it; PSP constants A {config.propensity_a}, B {config.propensity_b}"
+
+
+def autocast_dtype(precision, device):
+    """What --precision means on `device`: the dtype autocast computes in on a GPU (fp16 with a
+    gradient scaler), or None: fp32, also always on the CPU (where 16 bit is slower, not faster)."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def folder_defaults(folder, given):
     """A folder without a preset: its layout, found from its files, and the defaults for it."""
     transformer = given.get("encoder", Config.encoder) != "bow"
@@ -193,7 +230,11 @@ def parse_config(argv=None):
             parser.add_argument(flag, type=field_.type, default=None, help=f"default {field_.default!r}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     name = given.get("data", Config.data)
-    config = Config(**{**(PRESETS[name] if name in PRESETS else folder_defaults(name, given)), **given})
+    preset = preset_of(name)
+    defaults = dict(PRESETS[preset] if preset else folder_defaults(name, given))
+    if "epochs" in given:  # the epochs typed are the run's: no default --min-steps lengthens it
+        defaults.pop("min_steps", None)
+    config = Config(**{**defaults, **given})
     return dataclasses.replace(config, out=config.out or f"runs/{xc_files.name_of(config.data)}")
 
 

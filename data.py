@@ -9,6 +9,7 @@ needed (for the vocabulary, for bags of words or the clusters' PIFA vectors, a c
 at a time).
 """
 import hashlib
+import heapq
 import itertools
 import math
 import re
@@ -192,14 +193,17 @@ def texts_of(split, purpose=None):
 
 
 def word_statistics(xmc):
-    """Text data sets: the vocabulary (the MAX_VOCABULARY words in most training documents) and its
-    idf, from one pass over the training texts, into xmc (once)."""
+    """Text data sets: the vocabulary (the MAX_VOCABULARY words in most training documents, ties in
+    alphabetical order) and its idf, from one pass over the training texts, into xmc (once). The
+    order is the feature ids: it must not depend on a set's iteration order, which changes with
+    PYTHONHASHSEED from one process to the next (a resumed run, the ranks of a torchrun job)."""
     if xmc.vocabulary is not None or xmc.train.texts is None:
         return
     document_frequency = Counter()
     for text in texts_of(xmc.train, "vocabulary"):
         document_frequency.update(set(WORD.findall(text.lower())))
-    xmc.vocabulary = [word for word, _ in document_frequency.most_common(MAX_VOCABULARY)]
+    by_frequency = heapq.nsmallest(MAX_VOCABULARY, document_frequency.items(), key=lambda item: (-item[1], item[0]))
+    xmc.vocabulary = [word for word, _ in by_frequency]
     xmc.feature_weights = idf_of([document_frequency[word] for word in xmc.vocabulary], len(xmc.train))
     xmc.num_features = len(xmc.vocabulary)
 

@@ -29,6 +29,7 @@ import model
 import token_ids
 import xc_files
 from checkpoint import encoder_folder, load_checkpoint
+from config import autocast_dtype
 from data import csr_rows
 
 KS = (1, 3, 5)
@@ -40,19 +41,32 @@ def inverse_propensities(label_frequencies, num_train, a=0.55, b=1.5):
 
 
 @torch.no_grad()
-def predict_top_k(model, batches, k, device):
-    """[N, k] label ids of the k highest scores, best first, and their scores."""
+def predict_top_k(model, batches, k, device, autocast=None):
+    """[N, k] label ids of the k highest scores, best first, and their scores; the model under the
+    training run's autocast (a dtype; None: fp32), as it was trained."""
     model.eval()
+    device = torch.device(device)
     labels, scores = [], []
     for batch in batches:
         batch = batch.to(device)
-        batch_scores = model(batch)[0].float()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            batch_scores = model(batch)[0]
         if batch.excluded_rows is not None:  # filtered evaluation: these pairs are never ranked
             batch_scores[batch.excluded_rows, batch.excluded_labels] = -torch.inf
-        top = batch_scores.topk(min(k, batch_scores.shape[1]), dim=1)
-        labels.append(top.indices.cpu())
-        scores.append(top.values.cpu())
+        values, indices = top_k(batch_scores, min(k, batch_scores.shape[1]))
+        labels.append(indices.cpu())
+        scores.append(values.float().cpu())
     return torch.cat(labels).numpy(), torch.cat(scores).numpy()
+
+
+def top_k(scores, k):
+    """(values, indices) of the k highest of each row of [B, L] scores, best first. The sparse
+    layer's scores are a [B, L] view of an [L, B] buffer: CUDA's top-k copies a non-contiguous input
+    first (0.64 GiB at Amazon-670K, B = 256), so it runs down the buffer's columns instead."""
+    if not scores.is_contiguous() and scores.T.is_contiguous():  # the layer's transposed view
+        values, indices = scores.T.topk(k, dim=0)
+        return values.T, indices.T
+    return scores.topk(k, dim=1)
 
 
 def hits(predictions, label_offsets, label_ids, num_labels):
@@ -92,11 +106,11 @@ def metrics(predictions, label_offsets, label_ids, inverse_propensity, ks=KS):
     return results
 
 
-def evaluate(model, data, batches, device, ks=KS, world=1, rows=None):
+def evaluate(model, data, batches, device, ks=KS, world=1, rows=None, autocast=None):
     """Metrics on the test split, or on the training documents `rows` (the validation split) that
     `batches` holds in that order. Under torchrun (world > 1), each process has scored every
     world-th document (data.batches with rank and world); the shares are gathered here, in order."""
-    predictions, _ = predict_top_k(model, batches, max(ks), device)
+    predictions, _ = predict_top_k(model, batches, max(ks), device, autocast)
     if world > 1:
         shares = [None] * world
         torch.distributed.all_gather_object(shares, predictions)
@@ -136,9 +150,15 @@ def feature_weights(inputs):
     return None if weights is None else weights.numpy()
 
 
+def run_autocast(state, device):
+    """The autocast dtype (or None) that the checkpoint's run evaluated under, on `device`."""
+    run = state["config"]
+    return None if run.get("eval_fp32") else autocast_dtype(run["precision"], torch.device(device))
+
+
 def load_for_evaluation(path, batch_size, device):
-    """The model of a checkpoint written by train.py, its data set and test batches (bags of words
-    through the checkpoint's vocabulary, or tokens from the cache training built)."""
+    """The model of a checkpoint written by train.py, its data set, test batches (bags of words
+    through the checkpoint's vocabulary, or tokens from the cache training built) and run_autocast."""
     state, run = load_checkpoint(path), Path(path).parent
     xmc = xc_files.load(**state["data_arguments"])
     inputs, tokens = state["inputs"], None
@@ -146,7 +166,8 @@ def load_for_evaluation(path, batch_size, device):
         data.attach_bags(xmc, ("test",), inputs["vocabulary"], feature_weights(inputs))
     else:
         tokens = caches.token_cache(xmc.test, encoder_folder(run), state["max_length"], caches.cache_dir(xmc, run))
-    return load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens)
+    return (load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens),
+            run_autocast(state, device))
 
 
 def predict(state, run, lines, k, batch_size, device, where):
@@ -166,7 +187,8 @@ def predict(state, run, lines, k, batch_size, device, where):
         split = data.Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), texts=lines)
         tokens = token_ids.tokenize(lines, token_ids.load_tokenizer(encoder_folder(run)), state["max_length"])
     network = load_model(state, device, run)
-    labels, scores = predict_top_k(network, data.batches(split, batch_size, tokens=tokens), k, device)
+    labels, scores = predict_top_k(network, data.batches(split, batch_size, tokens=tokens), k, device,
+                                   run_autocast(state, device))
     names = inputs["label_names"] or range(shape["num_labels"])
     return [" ".join(f"{names[l]}:{s:.4f}" for l, s in zip(row_labels, row_scores))
             for row_labels, row_scores in zip(labels, scores)]
@@ -193,8 +215,8 @@ def main():
             for line in predict(state, run, lines, args.top_k, args.batch_size, args.device, where):
                 print(line)
         else:
-            network, xmc, test_batches = load_for_evaluation(args.checkpoint, args.batch_size, args.device)
-            print(table(("test", evaluate(network, xmc, test_batches, args.device))))
+            network, xmc, test_batches, autocast = load_for_evaluation(args.checkpoint, args.batch_size, args.device)
+            print(table(("test", evaluate(network, xmc, test_batches, args.device, autocast=autocast))))
     except (ValueError, OSError) as error:  # data.DataError is a ValueError; an OSError names its path
         sys.exit(f"error: {error}")
 

@@ -128,8 +128,10 @@ class XMCModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Losses, from the list of positives: never a dense [B, L] label matrix, and no fp32 [B, L]
 # temporaries either (at Amazon-3M, B = 128, each would be 1.44 GB): the loss is computed over label
-# chunks, and its gradient is written during the forward pass into one buffer of the scores' dtype
-# and layout, which is all the backward pass needs.
+# chunks, and its slope is written during the forward pass into one buffer of the scores' dtype and
+# layout, which is all the backward pass needs. The buffer holds the slope unscaled: 1/(B*L) times
+# it is below fp16's smallest number at the paper's shapes, so the loss's scale and the gradient
+# scaler's factor (grad_output) are applied together, once, in the backward pass.
 
 # Elements of a label chunk, by device type: the chunk's fp32 temporaries stay small (CPU: 16 MB,
 # in cache; GPU: 128 MB, few launches).
@@ -152,23 +154,23 @@ def _bce(s, y):  # -log(sigmoid(y s)): softplus(s) - s for y = +1, softplus(s) f
 
 class _LabelLoss(torch.autograd.Function):
     """scale * (sum over (b, l) of the per-label loss), every label taken as a negative, then the
-    positives' terms swapped; the gradient is written chunk by chunk as the loss is summed."""
+    positives' terms swapped; the slope is written chunk by chunk as the loss is summed."""
 
     @staticmethod
     def forward(ctx, scores, rows, labels, per_label, scale):
-        grad = torch.empty_like(scores)  # same strides: [B, L] views of [L, B] stay that way
+        slopes = torch.empty_like(scores)  # same strides: [B, L] views of [L, B] stay that way
         total = torch.zeros((), dtype=torch.float32, device=scores.device)
         step = max(1, LOSS_CHUNK_ELEMENTS.get(scores.device.type, LOSS_CHUNK_ELEMENTS["cpu"]) // max(1, scores.shape[0]))
         for start in range(0, scores.shape[1], step):
             value, slope = per_label(scores[:, start:start + step].float(), -1)
             total += value
-            grad[:, start:start + step] = slope.mul_(scale)
+            slopes[:, start:start + step] = slope
         at_positives = scores[rows, labels].float()
         (as_negative, _), (as_positive, slope) = per_label(at_positives, -1), per_label(at_positives, +1)
         total += as_positive - as_negative
-        grad[rows, labels] = slope.mul_(scale).to(grad.dtype)
-        ctx.save_for_backward(grad)
-        ctx.used = False
+        slopes[rows, labels] = slope.to(slopes.dtype)
+        ctx.save_for_backward(slopes)
+        ctx.scale, ctx.used = scale, False
         return total * scale
 
     @staticmethod
@@ -176,8 +178,10 @@ class _LabelLoss(torch.autograd.Function):
         if ctx.used:  # the buffer was scaled in place the first time
             raise RuntimeError("the label loss supports one backward pass per forward (no retain_graph)")
         ctx.used = True
-        grad, = ctx.saved_tensors
-        return grad.mul_(grad_output), None, None, None, None
+        slopes, = ctx.saved_tensors
+        # one factor, one rounding: under fp16, 1/(B*L) alone would underflow, grad_output (the
+        # gradient scaler's 2^12 and more) alone would overflow the slopes
+        return slopes.mul_(grad_output * ctx.scale), None, None, None, None
 
 
 def positives_of(target, device=None):
@@ -220,6 +224,7 @@ def bce_mean(scores, rows, labels):
 
 
 LOSSES = {"squared_hinge": squared_hinge, "bce": bce, "bce_mean": bce_mean}
+SUMMED = ("bce",)  # sums over the batch, not means: under torchrun each process's share is scaled back up
 
 
 def meta_loss(meta_scores, rows, labels, clusters):

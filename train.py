@@ -16,8 +16,9 @@ evaluate when due, log, checkpoint (checkpoint.py), stop when --patience runs ou
 train.py` runs config.Config()'s defaults; `--data NAME` starts from a preset (config.py).
 
 Under torchrun, every process trains a replica (DistributedDataParallel) on its share of each
-batch; gradients are averaged, every replica rewires identically (a shared seed), the test split is
-scored in shares and gathered, and only rank 0 prints and writes.
+batch; gradients are averaged (a summed loss is scaled by the number of processes to make up for
+it), every replica rewires identically (a shared seed), the test split is scored in shares and
+gathered, and only rank 0 prints and writes.
 
     python train.py                                   # the embedded synthetic data set, CPU, half a minute
     python train.py --data ../shared/data/delicious   # any folder in the XC repository's formats
@@ -29,7 +30,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -45,8 +45,9 @@ import data
 import dst
 import evaluate
 import model
+import processes
 import xc_files
-from config import batches_in_an_epoch, lengthened, parse_config
+from config import autocast_dtype, batches_in_an_epoch, lengthened, parse_config, recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +91,8 @@ class TrainingState:
     schedulers: list  # their learning rates, stepped with them
     rewire_schedule: dst.RewireSchedule
     clusters: torch.Tensor | None  # cluster id per label, for the auxiliary loss
-    scaler: torch.amp.GradScaler  # loss scaling, active only for fp16 on a GPU
+    autocast: torch.dtype | None  # the forward passes' autocast (config.autocast_dtype); None: fp32
+    scaler: torch.amp.GradScaler  # loss scaling, active only under fp16 autocast
     rebuild: dict  # what evaluate.py rebuilds data and model from (checkpoint.py lists the keys)
     batches_per_epoch: int
     rank: int = 0  # this process, of `world` (torchrun); rank 0 prints and writes
@@ -101,6 +103,8 @@ class TrainingState:
     best_evaluation: dict = field(default_factory=dict)  # the evaluation of best P@1 (keep_best), with its epoch
     best_p3: float = -1.0  # early stopping: the best P@3 (keep_best), and the evaluations since it
     evaluations_since_best_p3: int = 0
+    skipped_steps: int = 0  # optimizer steps the fp16 gradient scaler skipped (non-finite gradients)
+    non_finite_in_a_row: int = 0  # batches of non-finite loss since the last finite one
 
 
 def make_optimizers(config, network):
@@ -162,12 +166,12 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
                    max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
                                        propensity=(config.propensity_a, config.propensity_b), idf=config.idf))
+    autocast = autocast_dtype(config.precision, device)
     return TrainingState(
         network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
         batches_per_epoch=batches_per_epoch, rewire_schedule=rewire_schedule, rebuild=rebuild,
         schedulers=[torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers],
-        scaler=torch.amp.GradScaler(device.type, init_scale=2**12,
-                                    enabled=device.type == "cuda" and config.precision == "fp16"))
+        autocast=autocast, scaler=torch.amp.GradScaler(device.type, init_scale=2**12, enabled=autocast == torch.float16))
 
 
 def seed_of(*parts):
@@ -178,15 +182,20 @@ def seed_of(*parts):
 # ---------------------------------------------------------------------------------------------
 # Training.
 
+# Batches of non-finite loss in a row after which an fp16 run stops: the gradient scaler skips such
+# steps (and lowers its scale), but a loss that stays non-finite is a diverged model, not an overflow.
+NON_FINITE_LIMIT = 10
+
+
 def train_step(config, state, batch, device, window, last):
     """One batch (module docstring, 1-4); `last`: it closes a window of `window` batches, whose
     gradients add up to one optimizer step. Returns (s, [total, main, aux] loss, connections rewired)."""
     s = aux_weight(config, state.batches_done / state.batches_per_epoch)
-    autocast = device.type == "cuda" and config.precision in ("bf16", "fp16")
-    with torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16,
-                        enabled=autocast):
+    with autocast(state, device):
         scores, meta_scores = state.replica(batch, with_meta=s > 0)
     main = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
+    if config.loss in model.SUMMED and state.world > 1:
+        main = main * state.world  # DDP averages the ranks' gradients; a sum over the global batch sums its shares
     aux = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
            else main.new_zeros(()))
     loss = (1 - s) * main + s * aux
@@ -194,9 +203,7 @@ def train_step(config, state, batch, device, window, last):
     if state.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)
         losses /= state.world
-    if not torch.isfinite(losses[0]):
-        raise FloatingPointError(f"loss is {losses[0].item()} at batch {state.batches_done}; stopping before any "
-                                 f"checkpoint is overwritten")
+    check_finite(state, losses[0])
     # DDP averages the gradients across processes once a window, at its last backward pass
     with contextlib.nullcontext() if last or state.world == 1 else state.replica.no_sync():
         state.scaler.scale(loss / window).backward()
@@ -217,29 +224,36 @@ def train_step(config, state, batch, device, window, last):
     return s, losses, rewired
 
 
+def autocast(state, device):
+    """The forward passes' mixed precision (state.autocast), or none."""
+    return torch.autocast(device.type, dtype=state.autocast) if state.autocast else contextlib.nullcontext()
+
+
+def check_finite(state, loss):
+    """A non-finite loss stops a run without a gradient scaler; with one (fp16) it goes on into the
+    backward pass, where the scaler finds the non-finite gradients and skips the step, unless the
+    loss stays non-finite for NON_FINITE_LIMIT batches. Either way no checkpoint is overwritten."""
+    finite = bool(torch.isfinite(loss))
+    state.non_finite_in_a_row = 0 if finite else state.non_finite_in_a_row + 1
+    if not finite and (not state.scaler.is_enabled() or state.non_finite_in_a_row >= NON_FINITE_LIMIT):
+        in_a_row = f" (non-finite {state.non_finite_in_a_row} batches in a row)" if state.scaler.is_enabled() else ""
+        raise FloatingPointError(f"loss is {loss.item()} at batch {state.batches_done}{in_a_row}; stopping before "
+                                 f"any checkpoint is overwritten")
+
+
 def optimizer_step(config, state):
     if config.clip_grad > 0:
         for optimizer in state.optimizers:
             state.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(state.network.parameters(), config.clip_grad)
     for optimizer, scheduler in zip(state.optimizers, state.schedulers):
-        state.scaler.step(optimizer)
+        state.scaler.step(optimizer)  # skipped, when the scaler finds non-finite gradients
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-    state.scaler.update()
-
-
-def step_record(config, state, epoch, s, losses, batches, seconds, device):
-    """The record of the last `batches` training batches: their mean losses, the learning rates,
-    speed, and the GPU's peak memory so far."""
-    loss, main, aux = (losses / batches).tolist()
-    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main,
-              "aux": aux, "aux_weight": s,
-              "lr": [g["lr"] for optimizer in state.optimizers for g in optimizer.param_groups],
-              "ms_per_batch": 1e3 * seconds / batches, "documents_per_s": batches * config.batch_size / seconds}
-    if device.type == "cuda":
-        record["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return record
+    if state.scaler.is_enabled():
+        scale = state.scaler.get_scale()
+        state.scaler.update()
+        state.skipped_steps += int(state.scaler.get_scale() < scale)  # it lowers its scale after a skipped step
 
 
 def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
@@ -248,7 +262,7 @@ def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
     step record every N batches."""
     state.network.train()
     torch.manual_seed(seed_of(config.seed, epoch, state.rank))  # dropout: fixed per epoch (exact resume), new per rank
-    totals, rewired = torch.zeros(3, dtype=torch.float64), 0
+    totals, rewired, skipped = torch.zeros(3, dtype=torch.float64), 0, state.skipped_steps
     batches = data.batches(split, config.batch_size // state.world, shuffle=True, seed=config.seed, epoch=epoch,
                            tokens=tokens, rank=state.rank, world=state.world, even=True, rows=rows)
     progress = tqdm(batches, total=state.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -261,15 +275,16 @@ def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
         progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
         if config.log_every and state.batches_done % config.log_every == 0:
-            record = step_record(config, state, epoch, s, totals - since_totals, number - since_number,
-                                 time.time() - since, device)
+            record = checkpoint.step_record(config, state, epoch, s, totals - since_totals, number - since_number,
+                                            time.time() - since, device)
             run_log.write(record)
             if state.rank == 0:
                 progress.write(f"batch {state.batches_done}: loss {record['loss']:.4g}, "
                                f"{record['ms_per_batch']:.0f} ms/batch, {record['documents_per_s']:.0f} documents/s")
             since, since_totals, since_number = time.time(), totals.clone(), number
     loss, main, aux = (totals / state.batches_per_epoch).tolist()
-    return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s}
+    return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s,
+            "skipped_steps": state.skipped_steps - skipped}
 
 
 def keep_best(state, epoch, evaluated):
@@ -284,40 +299,11 @@ def keep_best(state, epoch, evaluated):
     return False
 
 
-def memory_report(network, device):
-    sparse_bytes, dense_bytes = network.classifier_bytes()
-    report = {"classifier_MB": sparse_bytes / 2**20, "dense_classifier_MB": dense_bytes / 2**20}
-    if device.type == "cuda":
-        report["peak_gpu_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return report
-
-
-def start_processes(config):
-    """(rank, world, device). Under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE), join the
-    process group: NCCL between GPUs (one per process), gloo between CPU processes."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # one voice: rank 0's (errors still reach stderr)
-    return rank, world, device
-
-
 def run(config, stop_after_epoch=None):
-    """Train (or resume) and return the final metrics. stop_after_epoch ends early (tests)."""
-    rank, world, device = start_processes(config)
-    try:
-        results = train_and_evaluate(config, rank, world, device, stop_after_epoch)
-        if world > 1:  # leave together: a process that tears gloo down while another still talks to it can abort
-            torch.distributed.barrier()
-        return results
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+    """Train (or resume) and return the final metrics, in every process of a torchrun job
+    (processes.py). stop_after_epoch ends early (tests)."""
+    with processes.joined(config.device) as (rank, world, device):
+        return train_and_evaluate(config, rank, world, device, stop_after_epoch)
 
 
 def dry_run(xmc, state, tokens, seconds, device):
@@ -325,25 +311,23 @@ def dry_run(xmc, state, tokens, seconds, device):
     long preparing took (seconds) and the process's peak resident memory, as JSON (rehearse.py reads it)."""
     report = {"train_documents": len(xmc.train), "test_documents": len(xmc.test), "labels": xmc.num_labels,
               "features": xmc.num_features, "clusters": 0 if state.clusters is None else int(state.clusters.max()) + 1,
-              "token_cache_MB": sum(rows.nbytes for rows in (tokens or {}).values()) / 2**20,
-              "parameters": sum(p.numel() for p in state.network.parameters()), **memory_report(state.network, device),
-              **seconds, "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+              "token_cache_MB": sum(rows.nbytes for rows in tokens.values() if rows is not None) / 2**20,
+              "parameters": sum(p.numel() for p in state.network.parameters()),
+              **checkpoint.memory_report(state.network, device), **seconds, "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     print("dry run: " + json.dumps(report, indent=1))
     return report
 
 
 def load_data(config, out, rank, world):
     """(source, xmc, clusters, tokens, seconds): the data set and what the model reads besides it
-    (xc_files.prepare). Under torchrun, rank 0 builds the caches first, then the others find them built."""
+    (xc_files.prepare). Under torchrun, rank 0 builds the caches first, then the others find them
+    built, and all start training together."""
     started, source = time.time(), xc_files.locate(config.data, config.data_dir)
-    if rank > 0:
-        torch.distributed.barrier()
     max_leaf = config.max_leaf if config.aux_weight > 0 else None
-    xmc, clusters, tokens, seconds = xc_files.prepare(source, config.format, config.augment_labels,
-                                                      (config.propensity_a, config.propensity_b), config.idf,
-                                                      config.encoder, config.max_length, max_leaf, fallback=out)
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
+    with processes.rank_zero_first(rank, world):
+        xmc, clusters, tokens, seconds = xc_files.prepare(source, config.format, config.augment_labels,
+                                                          (config.propensity_a, config.propensity_b), config.idf,
+                                                          config.encoder, config.max_length, max_leaf, fallback=out)
     data.hold_out(xmc, config.validation_fraction, config.seed)
     features = f"{xmc.num_features:,} features, " if xmc.num_features else ""  # a transformer needs none
     validation = f" ({len(xmc.validation):,} of them held out for validation)" if xmc.validation is not None else ""
@@ -358,20 +342,12 @@ def evaluate_splits(config, state, xmc, tokens, device):
     def score(split, rows, split_tokens):
         batches = data.batches(split, config.eval_batch_size, tokens=split_tokens, rank=state.rank,
                                world=state.world, rows=rows)
-        return evaluate.evaluate(state.network, xmc, batches, device, world=state.world, rows=rows)
+        return evaluate.evaluate(state.network, xmc, batches, device, world=state.world, rows=rows,
+                                 autocast=None if config.eval_fp32 else state.autocast)
     results = score(xmc.test, None, tokens["test"])
     if xmc.validation is not None:
         results["validation"] = score(xmc.train, xmc.validation, tokens["train"])
     return results
-
-
-def epoch_record(state, epoch, trained, evaluated, seconds, device):
-    """The epoch's line of log.jsonl: its training averages, rewiring, learning rates, memory, metrics."""
-    survived = state.last_survival if trained["rewired"] else None  # an epoch without a rewire has none
-    return {**trained, "epoch": epoch + 1, "batch": state.batches_done, "survived": survived,
-            "lr": [group["lr"] for optimizer in state.optimizers for group in optimizer.param_groups],
-            "seconds": seconds, **memory_report(state.network, device), **evaluated,
-            "best_epoch": state.best_evaluation.get("epoch"), "best_P@1": state.best_evaluation.get("P@1")}
 
 
 def train_and_evaluate(config, rank, world, device, stop_after_epoch):
@@ -381,6 +357,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     checkpoint.check_run_directory(out, config.resume, config.dry_run)
     if config.dry_run:  # first what a preset plus flags amount to, one `name = value` line per field
         print("\n".join(f"{name} = {value!r}" for name, value in dataclasses.asdict(config).items()))
+    print(recipe(config))
     source, xmc, clusters, tokens, seconds = load_data(config, out, rank, world)
     config = lengthened(config, len(xmc.fit_rows()), world)  # --min-steps
     state = set_up(config, source, xmc, clusters, device, rank, world)
@@ -402,10 +379,11 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every == 0:
             results = evaluated = evaluate_splits(config, state, xmc, tokens, device)
             improved = keep_best(state, epoch, evaluated)
-        record = epoch_record(state, epoch, trained, evaluated, time.time() - epoch_start, device)
+        record = checkpoint.epoch_record(state, epoch, trained, evaluated, time.time() - epoch_start, device)
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
               f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else "")
-              + (f" (validation P@1 {results['validation']['P@1']:.2f})" if "validation" in evaluated else ""))
+              + (f" (validation P@1 {results['validation']['P@1']:.2f})" if "validation" in evaluated else "")
+              + (f"; the fp16 loss scaler skipped {trained['skipped_steps']} steps" if trained["skipped_steps"] else ""))
         run_log.write(record)
         if rank == 0:
             checkpoint.save_epoch(out, checkpoint.checkpoint_state(state, epoch, config), best=improved)
@@ -422,7 +400,7 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
 
 
 def announce(config, state, device):
-    memory = memory_report(state.network, device)
+    memory = checkpoint.memory_report(state.network, device)
     print(f"classifier: {'sparse, fan-in ' + str(config.fan_in) if config.sparse else 'dense'}; parameters + AdamW "
           f"state {memory['classifier_MB']:.1f} MB (dense: {memory['dense_classifier_MB']:.1f} MB); device {device}"
           + (f", {state.world} processes" if state.world > 1 else ""))
@@ -436,7 +414,7 @@ def report(config, state, xmc, results, epoch, seconds, device):
         chosen = f"best {'validation' if 'validation' in best else 'test'} P@1, epoch {best['epoch']}"
         print(evaluate.table((f"last, epoch {epoch + 1}", results), (chosen, best)))
     if device.type == "cuda":
-        print(f"peak GPU memory {memory_report(state.network, device)['peak_gpu_MB']:.0f} MB")
+        print(f"peak GPU memory {checkpoint.memory_report(state.network, device)['peak_gpu_MB']:.0f} MB")
 
 
 def main():

@@ -1,5 +1,6 @@
 """config.py: the paper presets against an independent copy of the release's recipe, the README's
-preset table, folder defaults by layout, command-line overrides and refused options."""
+preset table, a paper data set by its path, folder defaults by layout, command-line overrides
+(a typed value fills nothing else in) and refused options."""
 import textwrap
 from pathlib import Path
 
@@ -109,6 +110,28 @@ def test_presets_carry_their_data_sets_propensity_constants_and_layouts():
         assert config.format == ("lf" if name.startswith("lf-") else "bow" if name == "delicious" else "raw")
     assert parse_config(["--data", "lf-amazontitles-131k"]).augment_labels
     assert parse_config(["--data", "wiki500k", "--propensity-a", "0.55"]).propensity_a == 0.55
+
+
+@pytest.mark.parametrize("folder, name", [("/disk/Amazon-670K", "amazon670k"), ("data/wiki-500k", "wiki500k"),
+                                          ("x/LF-AmazonTitles-131K/raw_text", "lf-amazontitles-131k")])
+def test_a_paper_data_set_given_by_its_path_takes_its_preset(folder, name):
+    """Its folder's name says which it is: the same recipe and PSP constants as its name gives."""
+    by_path, by_name = parse_config(["--data", folder]), parse_config(["--data", name])
+    assert {**vars(by_path), "data": None, "out": None} == {**vars(by_name), "data": None, "out": None}
+    assert (by_path.propensity_a, by_path.propensity_b) == PROPENSITIES[name]
+    assert config.recipe(by_path).startswith(f"recipe: the release's {name} preset (the folder ")
+    assert config.recipe(by_path).endswith(f"PSP constants A {PROPENSITIES[name][0]}, B {PROPENSITIES[name][1]}")
+
+
+def test_epochs_typed_are_the_runs_and_no_default_min_steps_lengthens_them(tmp_path):
+    """A value the user typed wins; a default only fills what the user left open."""
+    bow = write_data_set(tmp_path / "Small", "bow", SPLITS)
+    assert parse_config(["--data", str(bow)]).min_steps == BOW_DEFAULTS["min_steps"]
+    typed = parse_config(["--data", str(bow), "--epochs", "2"])
+    assert (typed.epochs, typed.min_steps) == (2, 0)
+    assert config.lengthened(typed, len(SPLITS["train"]), 1).epochs == 2
+    both = parse_config(["--data", str(bow), "--epochs", "2", "--min-steps", "10"])  # both typed: at least 10 steps
+    assert config.lengthened(both, len(SPLITS["train"]), 1).epochs == 10
 
 
 def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):

@@ -1,10 +1,12 @@
-"""P@k, nDCG@k and PSP@k against a plain per-document computation, and batched top-k."""
+"""P@k, nDCG@k and PSP@k against a plain per-document computation, and batched top-k (also of the
+sparse layer's transposed scores, without a copy)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import evaluate
@@ -75,6 +77,32 @@ def test_batched_top_k_equals_full_sort():
     labels, values = evaluate.predict_top_k(FixedScores(scores), data.batches(split, 5), 5, "cpu")
     assert np.array_equal(labels, scores.argsort(dim=1, descending=True)[:, :5].numpy())
     assert np.allclose(values, scores.sort(dim=1, descending=True).values[:, :5].numpy())
+
+
+class TopKInputs(TorchDispatchMode):
+    """Records whether each aten top-k reads a contiguous input (CUDA's copies any other first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.contiguous = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.topk.default:
+            self.contiguous.append(args[0].is_contiguous())
+        return func(*args, **(kwargs or {}))
+
+
+def test_top_k_of_the_layers_transposed_scores_ranks_its_buffer_without_a_copy():
+    """The sparse layer's scores are a [B, L] view of an [L, B] buffer: ranked down the buffer's
+    columns, as a contiguous copy would be ranked along its rows."""
+    generator = torch.Generator().manual_seed(0)
+    buffer = torch.randn(40, 23, generator=generator)
+    split = data.Split(np.zeros(24, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    with TopKInputs() as seen:
+        labels, values = evaluate.predict_top_k(FixedScores(buffer.T), data.batches(split, 23), 5, "cpu")
+    assert seen.contiguous == [True]
+    expected = buffer.T.contiguous().topk(5, dim=1)
+    assert np.array_equal(labels, expected.indices.numpy()) and np.array_equal(values, expected.values.numpy())
 
 
 def test_the_validation_split_is_scored_against_its_own_labels_with_the_whole_training_splits_propensities():

@@ -67,7 +67,7 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
     split's idf, with --idf)."""
     checkpoint, results = trained(datasets, name)
     assert results["P@1"] > 50  # it learned: each label has its own two words
-    network, xmc, batches = evaluate.load_for_evaluation(checkpoint, 16, "cpu")
+    network, xmc, batches, _ = evaluate.load_for_evaluation(checkpoint, 16, "cpu")
     expected_labels, expected_scores = evaluate.predict_top_k(network, batches, 3, "cpu")
 
     path = datasets / "data" / ("raw/test_raw_texts.txt" if name == "tiny-raw" else "bow/test.txt")

@@ -249,7 +249,7 @@ def test_compile_compiles_the_encoder_in_place(tiny, monkeypatch):
 def test_evaluate_reloads_a_checkpoint(tiny):
     import evaluate
     results = train.run(dataclasses.replace(tiny, epochs=1))
-    network, xmc, batches = evaluate.load_for_evaluation(f"{tiny.out}/checkpoint.pt", 64, "cpu")
+    network, xmc, batches, _ = evaluate.load_for_evaluation(f"{tiny.out}/checkpoint.pt", 64, "cpu")
     again = evaluate.evaluate(network, xmc, batches, "cpu")
     assert again == pytest.approx(results)
 
@@ -282,7 +282,7 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
     shutil.rmtree(encoder)
     monkeypatch.setattr(token_ids, "encode", None)  # evaluation must not tokenise again
-    network, xmc, batches = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
+    network, xmc, batches, _ = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
     monkeypatch.undo()
     state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")

@@ -2,9 +2,15 @@
 model as <out>/rank<R>.pt, so a test can compare the replicas. Started by test_distributed.py:
 
     torchrun --standalone --nproc_per_node 2 tests/tiny_train.py --out DIR --device cpu ...
+
+With SLOW_FIRST_START=T, collectives time out after T seconds (NCCL's watchdog, in small) and rank 0
+takes 2T to prepare the data (building a large data set's caches on a first start).
 """
+import datetime
 import functools
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY  # noqa: E402  (conftest also puts the project root on sys.path)
 import data  # noqa: E402
 import train  # noqa: E402
+import xc_files  # noqa: E402
 from config import parse_config  # noqa: E402
 
 data.synthetic = functools.partial(data.synthetic, **TINY)
@@ -32,4 +39,11 @@ def train_and_save(config, *args):
 
 
 train.train_and_evaluate = train_and_save
+
+if "SLOW_FIRST_START" in os.environ:
+    timeout = datetime.timedelta(seconds=float(os.environ["SLOW_FIRST_START"]))
+    join, prepare = torch.distributed.init_process_group, xc_files.prepare
+    torch.distributed.init_process_group = lambda *args, **kwargs: join(*args, timeout=timeout, **kwargs)
+    xc_files.prepare = lambda *args, **kwargs: (time.sleep(2 * timeout.total_seconds()) if os.environ["RANK"] == "0"
+                                                else None, prepare(*args, **kwargs))[1]
 train.run(parse_config())
