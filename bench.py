@@ -21,7 +21,7 @@ against its dense float64 equivalent (check_step): a fast but wrong layer posts 
     python bench.py --rewire                       # time one SET rewire (dst.rewire) of the whole layer
     ncu --kernel-name regex:tiled python bench.py --profile --batch 128 --fan-in 32 --layers cuda
 
-Data at the paper's scale (load, clusters, token caches, resident memory) is rehearse.py's.
+Data at the paper's scale (load, clusters, token caches, resident memory) is tools/rehearse.py's.
 """
 import argparse
 import contextlib
@@ -221,7 +221,8 @@ def bench_rewire(args, device):
                 with Timer(device) as t:
                     stats = dst.rewire(layer, optimizer, fraction=0.2, **mode)
                     layer(torch.randn(2, args.features, device=device))  # notices the new indices
-                    ops.transpose(layer.indices.int(), layer.in_features)  # what the next backward builds
+                    sparse_layer.transpose_connectivity(layer.indices.int(), layer.in_features,  # what the next
+                                                        ops.labels_per_chunk(layer.indices.device))  # backward builds
                 times.append(t.ms)
             x = torch.randn(8, args.features, device=device)  # the rewired layer still computes its dense equivalent
             check_step(layer, x, *(t.to(device) for t in random_positives(8, args.labels, 5, torch.Generator())))

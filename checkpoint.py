@@ -11,21 +11,16 @@ A run directory <out>/ holds
 
 A checkpoint is a dict (torch.save; read with weights_only=True). Written by train.py
 (`checkpoint_state`); read back by train.py --resume (`restore`, `check_compatible`), by evaluate.py
-(evaluation and --predict) and by plot.py:
-  model            the network's state dict                         resume, evaluate, plot
-  optimizers       [encoder's, classifier's] optimizer state dicts  resume
-  schedulers       their learning-rate schedulers' state dicts      resume
-  scaler           the fp16 gradient scaler's state                 resume
-  epoch, batch     the last epoch done (0-based), training batches done       resume
-  regrown          slots regrown by the last rewire (its survival rate)      resume
-  best             the evaluation of best P@1 (train.keep_best), its epoch   resume
-  best_p3, stale   early stopping: best P@3, evaluations since it            resume
-  config           every Config field of the run                             (a record)
+(evaluation and --predict) and by plot.py. Its keys: the train.TrainingState fields of RESUMED,
+under their own names (state dicts for what has one), and
+  epochs_done      epochs done, counted from 1 as in log.jsonl      resume
+  config           every Config field of the run                    evaluate (precision), a record
   model_arguments  model.build's arguments                          resume (compatibility), evaluate, plot
   inputs           label_names; a bag-of-words model's vocabulary (raw text) and feature_weights     evaluate
-  label_counts     training documents per label                                plot (head vs tail)
-  max_length       tokens per document (None: the bag-of-words encoder)       evaluate
-  data_arguments   xc_files.load's arguments (source folder, format, ...)         evaluate
+  label_counts     training documents per label                     plot (head vs tail)
+  max_length       tokens per document (None: the bag-of-words encoder)     evaluate
+  data_arguments   xc_files.load's arguments (source folder, format, ...)   evaluate
+evaluate.py and plot.py read the weights under "network".
 """
 import dataclasses
 import json
@@ -35,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-import token_ids
+import caches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +46,7 @@ def check_run_directory(out, resume, dry_run):
         raise FileExistsError(f"{found} exists: pass --resume to continue that run, or choose another --out")
 
 
-def prepare_out(config, network, out, first_epoch):
+def prepare_out(config, network, out, epochs_done):
     """The run directory (rank 0): created, cleared of what a killed run left half-written, given the
     encoder's config and tokenizer; a resumed run's log cut back to its checkpoint's epoch."""
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +56,7 @@ def prepare_out(config, network, out, first_epoch):
         shutil.rmtree(stale)
     save_encoder(config, network, out)
     if config.resume and (out / "log.jsonl").exists():
-        trim_log(out / "log.jsonl", first_epoch)
+        trim_log(out / "log.jsonl", epochs_done)
 
 
 def save_encoder(config, network, out):
@@ -72,7 +67,7 @@ def save_encoder(config, network, out):
     if config.encoder == "bow" or folder.exists():
         return
     temporary = out / f".encoder.tmp{os.getpid()}"
-    token_ids.load_tokenizer(config.encoder).save_pretrained(temporary)
+    caches.load_tokenizer(config.encoder).save_pretrained(temporary)
     network.encoder.transformer.config.save_pretrained(temporary)
     os.replace(temporary, folder)
 
@@ -122,12 +117,12 @@ def save_epoch(out, saved, best):
 
 def resume(out, state, config):
     """--resume: the newest readable checkpoint of the same model and data, restored into `state`;
-    returns the epoch to continue with."""
+    returns its epochs done."""
     path, saved = load_latest_checkpoint(out)
     check_compatible(path, saved, state, config)
-    first_epoch = restore(state, saved)
-    print(f"resumed from {path} after epoch {first_epoch} (batch {state.batches_done})")
-    return first_epoch
+    epochs_done = restore(state, saved)
+    print(f"resumed from {path} after epoch {epochs_done} (batch {state.batches_done})")
+    return epochs_done
 
 
 def load_latest_checkpoint(out):
@@ -141,13 +136,28 @@ def load_latest_checkpoint(out):
     raise FileNotFoundError(f"--resume: no readable checkpoint in {out}")
 
 
-def checkpoint_state(state, epoch, config):
-    """The checkpoint of a train.TrainingState after `epoch` (the keys: this module's docstring)."""
-    return {"model": state.network.state_dict(), "optimizers": [o.state_dict() for o in state.optimizers],
-            "schedulers": [s.state_dict() for s in state.schedulers], "scaler": state.scaler.state_dict(),
-            "epoch": epoch, "batch": state.batches_done, "regrown": state.last_regrown,
-            "best": state.best_evaluation, "best_p3": state.best_p3,
-            "stale": state.evaluations_since_best_p3, "config": dataclasses.asdict(config), **state.rebuild}
+# The train.TrainingState fields a checkpoint saves and --resume restores, by name: what a resumed
+# run needs to continue bit for bit. Every other field is named in NOT_RESUMED, with the reason.
+RESUMED = ("network", "optimizers", "schedulers", "scaler",  # their state dicts
+           "batches_done", "last_regrown", "best_evaluation", "best_p3", "evaluations_since_best_p3")
+NOT_RESUMED = {
+    "replica": "the network, wrapped anew by set_up under torchrun",
+    "rewire_schedule": "built by set_up from the config", "clusters": "read from their cache by set_up",
+    "autocast": "from the config and the device", "batches_per_epoch": "from the config and the data",
+    "rebuild": "saved beside, for evaluate.py and plot.py", "rank": "this process's", "world": "this job's",
+    "last_survival": "a statistic of the last rewire, logged in its epoch's record",
+    "skipped_steps": "counted in each epoch's record", "non_finite_in_a_row": "0 after a checkpoint's epoch",
+}
+
+
+def checkpoint_state(state, epochs_done, config):
+    """The checkpoint of a train.TrainingState after `epochs_done` epochs (keys: the module docstring)."""
+    saved = {name: getattr(state, name) for name in RESUMED}
+    for name in ("network", "scaler"):
+        saved[name] = saved[name].state_dict()
+    for name in ("optimizers", "schedulers"):
+        saved[name] = [each.state_dict() for each in saved[name]]
+    return {**saved, "epochs_done": epochs_done, "config": dataclasses.asdict(config), **state.rebuild}
 
 
 def check_compatible(path, saved, state, config):
@@ -163,12 +173,12 @@ def check_compatible(path, saved, state, config):
                          f"it was trained with, or start a new run with another --out")
 
 
-def trim_log(path, last_epoch):
-    """Keep the records of epochs up to `last_epoch`, rewritten atomically: a fallback to an older
-    checkpoint leaves later ones, a kill during a write half a line."""
+def trim_log(path, epochs_done):
+    """Keep the records of the first `epochs_done` epochs, rewritten atomically: a fallback to an
+    older checkpoint leaves later ones, a kill during a write half a line."""
     def wanted(line):
         try:
-            return json.loads(line)["epoch"] <= last_epoch
+            return json.loads(line)["epoch"] <= epochs_done
         except (ValueError, KeyError, TypeError):
             return False
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -177,18 +187,19 @@ def trim_log(path, last_epoch):
 
 
 def restore(state, saved):
-    """The inverse of checkpoint_state; returns the epoch to continue with."""
-    state.network.load_state_dict(saved["model"])
-    for objects, key in ((state.optimizers, "optimizers"), (state.schedulers, "schedulers")):
-        for thing, entry in zip(objects, saved[key]):
-            thing.load_state_dict(entry)
-    state.scaler.load_state_dict(saved["scaler"])
-    state.batches_done, state.last_regrown = saved["batch"], saved["regrown"]
-    state.best_evaluation, state.best_p3, state.evaluations_since_best_p3 = (saved["best"], saved["best_p3"],
-                                                                                       saved["stale"])
+    """The inverse of checkpoint_state; returns the epochs done."""
+    for name in RESUMED:
+        current = getattr(state, name)
+        if name in ("optimizers", "schedulers"):
+            for each, entry in zip(current, saved[name]):
+                each.load_state_dict(entry)
+        elif name in ("network", "scaler"):
+            current.load_state_dict(saved[name])
+        else:
+            setattr(state, name, saved[name])
     if state.last_regrown is not None:  # saved from the GPU, loaded to the CPU (map_location): back beside the weights
         state.last_regrown = state.last_regrown.to(next(state.network.parameters()).device)
-    return saved["epoch"] + 1
+    return saved["epochs_done"]
 
 
 def load_checkpoint(path):
@@ -202,7 +213,7 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(saved, dict) or "model_arguments" not in saved:
         raise ValueError(f"{path} is not a checkpoint written by train.py")
-    if "max_length" not in saved:
+    if "epochs_done" not in saved:
         raise ValueError(f"{path} was written by an older train.py, whose checkpoints this one cannot rebuild")
     return saved
 
@@ -240,9 +251,9 @@ class RunLog:
 def step_record(config, state, epoch, s, losses, batches, seconds, device):
     """The record of the last `batches` training batches: their mean losses, the learning rates,
     speed, and the GPU's peak memory so far."""
-    loss, main, aux = (losses / batches).tolist()
-    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main,
-              "aux": aux, "aux_weight": s,
+    loss, main_loss, aux_loss = (losses / batches).tolist()
+    record = {"kind": "step", "epoch": epoch + 1, "batch": state.batches_done, "loss": loss, "main": main_loss,
+              "aux": aux_loss, "aux_weight": s,
               "lr": [g["lr"] for optimizer in state.optimizers for g in optimizer.param_groups],
               "ms_per_batch": 1e3 * seconds / batches, "documents_per_s": batches * config.batch_size / seconds}
     if device.type == "cuda":

@@ -40,7 +40,7 @@ class Config:
     dry_run: bool = False  # prepare everything up to the first step, report, exit
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
-    precision: str = "bf16"  # autocast on a GPU (training, evaluation): bf16, fp16 (+ gradient scaler) or fp32; CPU: fp32
+    precision: str = "bf16"  # GPU autocast (training, evaluation): bf16, fp16 (+ loss scaler), fp32; CPU: fp32
     compile: bool = False  # torch.compile the encoder
     # model
     encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder

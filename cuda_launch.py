@@ -1,7 +1,8 @@
 """The CUDA launch path (plumbing of sparse_layer.py's "cuda" backend): kernels.cu compiled once
-per process by cupy (NVRTC) with the sizes it shares with Python as -D options, and each kernel
-launched on PyTorch's current stream with raw device addresses. A paper reader can skip this file:
-sparse_layer.CudaOps says which kernel runs with how many blocks, this file only makes the call.
+per process by cupy (NVRTC) with the sizes it shares with Python as -D options, each kernel
+launched on PyTorch's current stream with raw device addresses, and CudaOps, the backend itself:
+which kernel runs, with how many blocks and how much shared memory. A paper reader can skip this
+file: sparse_layer.TorchOps computes the same function with library ops.
 """
 import functools
 import math
@@ -99,3 +100,115 @@ def launch(name, dtype, blocks, threads, shared_bytes, *args):
     # On PyTorch's current stream: ordered after the ops that produced the inputs, no sync needed.
     with cupy.cuda.Device(device.index), _cupy_stream(current_stream(device.index), device.index):
         kernel((blocks,), (threads,), tuple(map(_kernel_argument, args)), shared_mem=shared_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse_layer's backend "cuda": which kernel runs, with how many blocks.
+
+class CudaOps:
+    """The kernels of kernels.cu: tiled where the activation tile fits in shared memory and grad-x
+    as a gather where its chunk fits, else simple. `launch` and `limits` are the seams the CPU
+    shim tests replace."""
+    launch = staticmethod(launch)
+    tile_threads = 1024
+    use_tiles = True
+    gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
+
+    @staticmethod
+    def limits(device):
+        """(multiprocessors, shared bytes one block may have, shared bytes per multiprocessor)."""
+        return gpu_limits(device.index)
+
+    @classmethod
+    def labels_per_chunk(cls, device):
+        """Labels per chunk of the slots by input feature that the gather grad-x reads (None: the
+        simple kernels read none)."""
+        return cls.gather_chunk if cls.use_tiles else None
+
+    @classmethod
+    def tiled_launch(cls, device, tile_bytes, num_labels):
+        """(blocks, threads, shared bytes) of a tiled kernel, or None where its tile does not fit:
+        as many blocks as stay resident at once, so that each block copies each tile once."""
+        shared = cls.tile_threads * SLOT_BYTES + tile_bytes  # a slot buffer per lane, the tile
+        multiprocessors, per_block, per_multiprocessor = cls.limits(device)
+        if not cls.use_tiles or shared > per_block:
+            return None
+        # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
+        resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
+        blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
+        return blocks, cls.tile_threads, shared
+
+    @classmethod
+    def gather_launch(cls, device, element_size, num_labels, batch, in_features):
+        """(blocks, threads, shared bytes, features per warp, groups) of the gather grad-x kernel,
+        or None where even one feature per warp does not fit. The block's accumulators for its
+        features are the large part of its shared memory: where all D do not fit, the features
+        are split into parts (each part reads grad_yT once more). One block per multiprocessor."""
+        multiprocessors, per_block, _ = cls.limits(device)
+        warps = cls.tile_threads // 32
+        fixed = cls.tile_threads * SLOT_BYTES + cls.gather_chunk * TILE_B * element_size
+        for parts in range(1, in_features + 1):
+            per_warp = math.ceil(in_features / (warps * parts))
+            shared = fixed + warps * per_warp * TILE_B * 4
+            if shared <= per_block:
+                break
+        else:
+            return None
+        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(batch / TILE_B)
+        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // (parts * tiles)))
+        return groups * parts * tiles, cls.tile_threads, shared, per_warp, groups
+
+    @classmethod
+    def forward(cls, xT, weight, indices, bias):
+        (labels, fan_in), (in_features, batch) = weight.shape, xT.shape
+        yT = torch.empty(labels, batch, dtype=xT.dtype, device=xT.device)
+        if yT.numel() == 0:
+            return yT
+        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
+        if tiled:
+            cls.launch("fixed_fanin_forward_tiled", xT.dtype, *tiled,
+                       xT, weight, indices, bias, yT, labels, fan_in, batch, in_features)
+        else:
+            cls.launch("fixed_fanin_forward", xT.dtype, *launch_config(labels * batch), 0,
+                       xT, weight, indices, bias, yT, labels, fan_in, batch)
+        return yT
+
+    @classmethod
+    def grad_input(cls, grad_yT, weight, indices, in_features, by_input):
+        (labels, fan_in), batch = weight.shape, grad_yT.shape[1]
+        if in_features * batch == 0 or weight.numel() == 0:
+            return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device)
+        gather = by_input and cls.gather_launch(grad_yT.device, grad_yT.element_size(), labels, batch, in_features)
+        if gather:  # each group of chunks sums into its own slice; the slices are added in a fixed order
+            blocks, threads, shared, per_warp, groups = gather
+            partial = torch.empty(groups, in_features, batch, dtype=torch.float32, device=grad_yT.device)
+            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, blocks, threads, shared,
+                       grad_yT, weight, indices, by_input.order, by_input.starts, partial,
+                       labels, fan_in, batch, in_features, per_warp, groups)
+            return partial.sum(0).to(grad_yT.dtype)
+        # float32 buffer: the simple kernel scatters with float atomics
+        grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
+        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
+                   grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
+        return grad_xT.to(grad_yT.dtype)
+
+    @classmethod
+    def grad_weight(cls, grad_yT, xT, indices):
+        (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
+        if indices.numel() == 0 or batch == 0:
+            return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
+        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
+        if tiled:  # sums over batch tiles in float; one cast at the end
+            grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device)
+            cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, *tiled,
+                       grad_yT, xT, indices, grad_weight, labels, fan_in, batch, in_features)
+            return grad_weight.to(xT.dtype)
+        grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
+        cls.launch("fixed_fanin_grad_weight", xT.dtype, *launch_config(labels * fan_in), 0,
+                   grad_yT, xT, indices, grad_weight, labels, fan_in, batch)
+        return grad_weight
+
+
+class SimpleCudaOps(CudaOps):
+    """Backend "cuda-simple": the simple kernels whatever the size (bench.py compares the sets)."""
+    use_tiles = False

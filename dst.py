@@ -2,18 +2,20 @@
 
 Sparse Evolutionary Training (Mocanu et al. 2018) lets every label find the input features that
 matter to it. One rewire of a FixedFanInLinear (`rewire`):
-  1. select   - the connections to prune: the smallest |weight|, a fraction of the whole matrix
-                (scope "global", as the official release does) or of every row (scope "row"); or
-                every |weight| below a threshold; optionally at most a cap of each row;
-  2. regrow   - as many new connections in the same rows, at inputs the row does not use, drawn
-                uniformly at random, with weight zero: the fan-in stays exactly k in every row, and
-                no row reads an input twice;
+  1. select   - the connections to prune: those of smallest `pruning_score` (|weight|), a fraction
+                of the whole matrix (scope "global", as the official release does) or of every row
+                (scope "row"); or every score below a threshold; optionally at most a cap of each row;
+  2. regrow   - as many new connections in the same rows, at the inputs of highest
+                `regrowth_score` (uniform random) that the row does not use, with weight zero: the
+                fan-in stays exactly k in every row, and no row reads an input twice;
   3. optimizer state of the regrown slots - kept (as the release does) or zeroed (reset_state), so
                 that no stale momentum of a pruned weight flows into the new connection.
 RewireSchedule says when (every `interval` training batches until `last_batch`) and how much: a
 constant or cosine-decayed fraction, or a threshold decayed by a cosine to a floor.
 
-DST acts on a FixedFanInLinear and its optimizer only; it knows nothing of models or data.
+`pruning_score` and `regrowth_score` are SET's two rules, each one line: the hooks of a fork that
+tries another criterion (README, "Where to hack"). DST acts on a FixedFanInLinear and its optimizer
+only; it knows nothing of models or data.
 """
 import math
 from dataclasses import dataclass
@@ -26,36 +28,51 @@ ROW_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
 SCOPES = ("global", "row")
 
 
-def prune_counts(weight, fraction=None, threshold=None, scope="global", row_cap=0.0, free_inputs=None):
-    """How many connections to prune in each row: [L] int64.
+def pruning_score(weight, optimizer_state):
+    """SET's pruning rule: [L, k] scores, the smallest pruned first; |w| (the paper's and the
+    release's). How many each row loses and which both read it. Another criterion is this one line,
+    e.g. |w| * |m| from Adam's first moment, optimizer_state["exp_avg"]. The gradients are gone
+    when rewire runs (train.py steps the optimizer and sets them to None first): a gradient
+    criterion keeps its own copy of them before the step."""
+    return weight.abs()
 
-    fraction, scope "global": the floor(fraction * L * k) smallest |w| of the whole matrix;
+
+def regrowth_score(layer, rows, generator):
+    """SET's regrowth rule: [rows, D] scores, where each row of the slice `rows` regrows at the
+    unused inputs of highest score; uniform random (SET). RigL regrows by |dense gradient| here."""
+    return torch.rand(rows.stop - rows.start, layer.in_features, generator=generator, device=layer.weight.device)
+
+
+def prune_counts(scores, fraction=None, threshold=None, scope="global", row_cap=0.0, free_inputs=None):
+    """How many connections to prune in each row, by their pruning scores [L, k]: [L] int64.
+
+    fraction, scope "global": the floor(fraction * L * k) smallest scores of the whole matrix;
     fraction, scope "row":    floor(fraction * k) in every row;
-    threshold:                every |w| < threshold.
+    threshold:                every score < threshold.
     Then at most floor(row_cap * k) per row when row_cap > 0, and never more than the row has free
     inputs to regrow into (D - k).
     """
-    num_labels, fan_in = weight.shape
+    num_labels, fan_in = scores.shape
     if (fraction is None) == (threshold is None):
         raise ValueError("give exactly one of fraction (fraction mode) or threshold (threshold mode)")
     if scope not in SCOPES or not 0 <= row_cap <= 1 or (fraction is not None and not 0 <= fraction <= 1):
         raise ValueError(f"need scope in {SCOPES}, row_cap and fraction in [0, 1]; "
                          f"got {scope!r}, {row_cap}, {fraction}")
-    magnitudes = weight.abs()
     if threshold is not None:
-        counts = (magnitudes < threshold).sum(dim=1)
+        counts = (scores < threshold).sum(dim=1)
     elif scope == "row":
-        counts = torch.full((num_labels,), math.floor(fraction * fan_in), dtype=torch.int64, device=weight.device)
+        counts = torch.full((num_labels,), math.floor(fraction * fan_in), dtype=torch.int64, device=scores.device)
     else:  # global: how many of the matrix's `total` smallest entries each row holds
-        total, flat = math.floor(fraction * num_labels * fan_in), magnitudes.flatten()
-        # the total-th smallest value (none: -1). On a GPU, kthvalue of one long row is slow (an H200:
-        # 164 ms for the 21.4M magnitudes of Amazon-670K at k = 32), where a full sort takes 1.1 ms.
-        cut = -1.0 if total == 0 else flat.sort().values[total - 1] if flat.is_cuda else flat.kthvalue(total).values
-        below = magnitudes < cut
+        total, flat = math.floor(fraction * num_labels * fan_in), scores.flatten()
+        # the total-th smallest value (none: below any score). On a GPU, kthvalue of one long row is
+        # slow (an H200: 164 ms for the 21.4M scores of Amazon-670K at k = 32), a full sort 1.1 ms.
+        cut = (-math.inf if total == 0 else flat.sort().values[total - 1] if flat.is_cuda
+               else flat.kthvalue(total).values)
+        below = scores < cut
         # ties at the cut are taken in row-major order, so that exactly `total` entries are chosen
-        ties = (magnitudes == cut).flatten()
+        ties = (scores == cut).flatten()
         ties &= ties.cumsum(0) <= total - below.sum()
-        counts = below.sum(dim=1) + ties.view_as(magnitudes).sum(dim=1)
+        counts = below.sum(dim=1) + ties.view_as(scores).sum(dim=1)
     if row_cap > 0:
         counts = counts.clamp(max=math.floor(row_cap * fan_in))
     return counts if free_inputs is None else counts.clamp(max=free_inputs)
@@ -73,22 +90,23 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global",
     weight, indices, in_features = layer.weight, layer.indices, layer.in_features
     if optimizer is not None:
         check_optimizer(optimizer, weight, reset_state)
-    counts = prune_counts(weight, fraction, threshold, scope, row_cap, free_inputs=in_features - layer.fan_in)
+    score = pruning_score(weight, {} if optimizer is None else optimizer.state.get(weight, {}))
+    counts = prune_counts(score, fraction, threshold, scope, row_cap, free_inputs=in_features - layer.fan_in)
     regrown = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
     step = max(1, ROW_CHUNK_ELEMENTS.get(weight.device.type, ROW_CHUNK_ELEMENTS["cpu"]) // in_features)
     for start in range(0, weight.shape[0], step):
-        rows = slice(start, start + step)
+        rows = slice(start, min(start + step, weight.shape[0]))
         most = int(counts[rows].max())
         if most == 0:
             continue
-        # 1. select: the counts[row] slots of smallest |w| in every row (ties: the lower slot first, so
-        #    that the choice is the same on every run and every device)
-        rank = weight[rows].abs().argsort(dim=1, stable=True).argsort(dim=1)
+        # 1. select: the counts[row] slots of smallest score in every row (ties: the lower slot first,
+        #    so that the choice is the same on every run and every device)
+        rank = score[rows].argsort(dim=1, stable=True).argsort(dim=1)
         pruned = rank < counts[rows, None]
-        # 2. regrow: random scores for all D inputs, the row's own inputs pushed below every other
-        #    score, top-k: a uniform random subset of the unused inputs (prune_counts left enough)
-        scores = torch.rand(pruned.shape[0], in_features, generator=generator, device=weight.device)
-        new_inputs = scores.scatter_(1, indices[rows].long(), -1.0).topk(most, dim=1).indices
+        # 2. regrow: a score for each of the D inputs, the row's own pushed below every other, top-k:
+        #    the best unused inputs (prune_counts left enough of them)
+        scores = regrowth_score(layer, rows, generator)
+        new_inputs = scores.scatter_(1, indices[rows].long(), -math.inf).topk(most, dim=1).indices
         # the n-th pruned slot of a row (in slot order) takes the row's n-th new input
         nth = (pruned.cumsum(dim=1) - 1).clamp(min=0)
         indices[rows] = torch.where(pruned, new_inputs.gather(1, nth).to(indices.dtype), indices[rows])

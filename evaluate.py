@@ -26,7 +26,6 @@ import torch
 import caches
 import data
 import model
-import token_ids
 import xc_files
 from checkpoint import encoder_folder, load_checkpoint
 from config import autocast_dtype
@@ -41,16 +40,16 @@ def inverse_propensities(label_frequencies, num_train, a=0.55, b=1.5):
 
 
 @torch.no_grad()
-def predict_top_k(model, batches, k, device, autocast=None):
+def predict_top_k(network, batches, k, device, autocast=None):
     """[N, k] label ids of the k highest scores, best first, and their scores; the model under the
     training run's autocast (a dtype; None: fp32), as it was trained."""
-    model.eval()
+    network.eval()
     device = torch.device(device)
     labels, scores = [], []
     for batch in batches:
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            batch_scores = model(batch)[0]
+            batch_scores = network(batch)[0]
         if batch.excluded_rows is not None:  # filtered evaluation: these pairs are never ranked
             batch_scores[batch.excluded_rows, batch.excluded_labels] = -torch.inf
         values, indices = top_k(batch_scores, min(k, batch_scores.shape[1]))
@@ -106,22 +105,22 @@ def metrics(predictions, label_offsets, label_ids, inverse_propensity, ks=KS):
     return results
 
 
-def evaluate(model, data, batches, device, ks=KS, world=1, rows=None, autocast=None):
+def evaluate(network, xmc, batches, device, ks=KS, world=1, rows=None, autocast=None):
     """Metrics on the test split, or on the training documents `rows` (the validation split) that
     `batches` holds in that order. Under torchrun (world > 1), each process has scored every
     world-th document (data.batches with rank and world); the shares are gathered here, in order."""
-    predictions, _ = predict_top_k(model, batches, max(ks), device, autocast)
+    predictions, _ = predict_top_k(network, batches, max(ks), device, autocast)
     if world > 1:
         shares = [None] * world
         torch.distributed.all_gather_object(shares, predictions)
         predictions = np.empty((sum(map(len, shares)), shares[0].shape[1]), dtype=shares[0].dtype)
         for rank, share in enumerate(shares):  # rank r scored documents r, r + world, ...
             predictions[rank::world] = share
-    inverse = inverse_propensities(data.label_frequencies(), len(data.train), *data.propensity)
+    inverse = inverse_propensities(xmc.label_frequencies(), len(xmc.train), *xmc.propensity)
     if rows is None:
-        return metrics(predictions, data.test.label_offsets, data.test.label_ids, inverse, ks)
-    label_offsets, positions = csr_rows(data.train.label_offsets, rows)
-    return metrics(predictions, label_offsets, data.train.label_ids[positions], inverse, ks)
+        return metrics(predictions, xmc.test.label_offsets, xmc.test.label_ids, inverse, ks)
+    label_offsets, positions = csr_rows(xmc.train.label_offsets, rows)
+    return metrics(predictions, label_offsets, xmc.train.label_ids[positions], inverse, ks)
 
 
 def table(*evaluations, ks=KS):
@@ -133,50 +132,50 @@ def table(*evaluations, ks=KS):
     return "\n".join(lines)
 
 
-def load_model(state, device, run):
+def load_model(saved, device, run):
     """The checkpoint's model. A transformer is rebuilt from the run's own config (`from_config`) and
     the checkpoint's weights: neither a model hub nor the original model folder is needed."""
-    arguments = dict(state["model_arguments"])
+    arguments = dict(saved["model_arguments"])
     if arguments["encoder"] != "bow":
         arguments.update(encoder=encoder_folder(run), pretrained=False)
     network = model.build(**arguments)
-    network.load_state_dict(state["model"])
+    network.load_state_dict(saved["network"])
     return network.to(device)
 
 
 def feature_weights(inputs):
-    """A bag-of-words model's feature weights (checkpoints before 2026-12-03 call them idf)."""
-    weights = inputs.get("feature_weights", inputs.get("idf"))
+    """A bag-of-words model's feature weights, as numpy (None: raw values)."""
+    weights = inputs["feature_weights"]
     return None if weights is None else weights.numpy()
 
 
-def run_autocast(state, device):
+def run_autocast(saved, device):
     """The autocast dtype (or None) that the checkpoint's run evaluated under, on `device`."""
-    run = state["config"]
-    return None if run.get("eval_fp32") else autocast_dtype(run["precision"], torch.device(device))
+    config = saved["config"]
+    return None if config.get("eval_fp32") else autocast_dtype(config["precision"], torch.device(device))
 
 
 def load_for_evaluation(path, batch_size, device):
     """The model of a checkpoint written by train.py, its data set, test batches (bags of words
     through the checkpoint's vocabulary, or tokens from the cache training built) and run_autocast."""
-    state, run = load_checkpoint(path), Path(path).parent
-    xmc = xc_files.load(**state["data_arguments"])
-    inputs, tokens = state["inputs"], None
-    if state["max_length"] is None:
+    saved, run = load_checkpoint(path), Path(path).parent
+    xmc = xc_files.load(**saved["data_arguments"])
+    inputs, tokens = saved["inputs"], None
+    if saved["max_length"] is None:
         data.attach_bags(xmc, ("test",), inputs["vocabulary"], feature_weights(inputs))
     else:
-        tokens = caches.token_cache(xmc.test, encoder_folder(run), state["max_length"], caches.cache_dir(xmc, run))
-    return (load_model(state, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens),
-            run_autocast(state, device))
+        tokens = caches.token_cache(xmc.test, encoder_folder(run), saved["max_length"], caches.cache_dir(xmc, run))
+    return (load_model(saved, device, run), xmc, data.batches(xmc.test, batch_size, tokens=tokens),
+            run_autocast(saved, device))
 
 
-def predict(state, run, lines, k, batch_size, device, where):
+def predict(saved, run, lines, k, batch_size, device, where):
     """Lines "name:score name:score ..." of the top-k labels of each document in `lines`, by the
-    model of a checkpoint (`state`) in the run folder `run`."""
+    model of a checkpoint (`saved`) in the run folder `run`."""
     if not lines:
         return []
-    inputs, shape = state["inputs"], state["model_arguments"]
-    if state["max_length"] is None:  # a bag-of-words model: bags through its vocabulary, or f:v lines
+    inputs, shape = saved["inputs"], saved["model_arguments"]
+    if saved["max_length"] is None:  # a bag-of-words model: bags through its vocabulary, or f:v lines
         split, tokens = xc_files.documents(lines, shape["num_features"], shape["num_labels"], inputs["vocabulary"],
                                            feature_weights(inputs), where), None
         empty = int((np.diff(split.bag_offsets) == 0).sum())
@@ -185,10 +184,10 @@ def predict(state, run, lines, k, batch_size, device, where):
                   f"alone", file=sys.stderr)
     else:  # a transformer reads the texts through the run's own tokenizer
         split = data.Split(np.zeros(len(lines) + 1, np.int64), np.zeros(0, np.int32), texts=lines)
-        tokens = token_ids.tokenize(lines, token_ids.load_tokenizer(encoder_folder(run)), state["max_length"])
-    network = load_model(state, device, run)
+        tokens = caches.tokenize(lines, caches.load_tokenizer(encoder_folder(run)), saved["max_length"])
+    network = load_model(saved, device, run)
     labels, scores = predict_top_k(network, data.batches(split, batch_size, tokens=tokens), k, device,
-                                   run_autocast(state, device))
+                                   run_autocast(saved, device))
     names = inputs["label_names"] or range(shape["num_labels"])
     return [" ".join(f"{names[l]}:{s:.4f}" for l, s in zip(row_labels, row_scores))
             for row_labels, row_scores in zip(labels, scores)]
@@ -208,11 +207,11 @@ def main():
         parser.error("--top-k and --batch-size must be at least 1")
     try:
         if args.predict:
-            state = load_checkpoint(args.checkpoint)
+            saved = load_checkpoint(args.checkpoint)
             where = "<stdin>" if args.predict == "-" else args.predict
             lines = [line for _, line in xc_files.read_lines("/dev/stdin" if args.predict == "-" else args.predict)]
             run = Path(args.checkpoint).parent
-            for line in predict(state, run, lines, args.top_k, args.batch_size, args.device, where):
+            for line in predict(saved, run, lines, args.top_k, args.batch_size, args.device, where):
                 print(line)
         else:
             network, xmc, test_batches, autocast = load_for_evaluation(args.checkpoint, args.batch_size, args.device)

@@ -138,18 +138,19 @@ class XMCModel(nn.Module):
 LOSS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
 
 
-# Each returns (the sum of the per-label loss over s, its slope per element) for labels y = +1 or
-# -1; one temporary the size of s where it can (a squared norm is a reduction, not a squared copy).
+# Each returns (the sum of the per-label loss over a block of scores z, its slope per element) for
+# labels y = +1 or -1; one temporary the size of z where it can (a squared norm is a reduction, not
+# a squared copy).
 
-def _hinge(s, y):  # max(0, 1 - y s)^2, its slope -2 y max(0, 1 - y s)
-    margin = (1 - s if y > 0 else s + 1).relu_()
+def _hinge(z, y):  # max(0, 1 - y z)^2, its slope -2 y max(0, 1 - y z)
+    margin = (1 - z if y > 0 else z + 1).relu_()
     return torch.linalg.vector_norm(margin).square(), margin.mul_(-2 * y)
 
 
-def _bce(s, y):  # -log(sigmoid(y s)): softplus(s) - s for y = +1, softplus(s) for y = -1
+def _bce(z, y):  # -log(sigmoid(y z)): softplus(z) - z for y = +1, softplus(z) for y = -1
     if y > 0:
-        return (F.softplus(s) - s).sum(), torch.sigmoid(s) - 1
-    return F.softplus(s).sum(), torch.sigmoid(s)
+        return (F.softplus(z) - z).sum(), torch.sigmoid(z) - 1
+    return F.softplus(z).sum(), torch.sigmoid(z)
 
 
 class _LabelLoss(torch.autograd.Function):
@@ -209,7 +210,7 @@ def positives_of(target, device=None):
 
 
 def squared_hinge(scores, rows, labels):
-    """mean over (b, l) of max(0, 1 - y s)^2, y = +1 for positives and -1 for the rest."""
+    """mean over (b, l) of max(0, 1 - y z)^2 for the scores z, y = +1 for positives and -1 for the rest."""
     return _LabelLoss.apply(scores, rows, labels, _hinge, 1.0 / max(1, scores.numel()))
 
 

@@ -85,12 +85,12 @@ def plot_runs(runs, out):
     print(f"wrote {out}")
 
 
-def classifier_inputs(state, path):
+def classifier_inputs(saved, path):
     """D, the classifier's input width: the intermediate layer's, the bag-of-words encoder's, or
     the transformer's hidden size from the run's encoder/config.json."""
-    if "intermediate.0.weight" in state["model"]:
-        return state["model"]["intermediate.0.weight"].shape[0]
-    arguments = state["model_arguments"]
+    if "intermediate.0.weight" in saved["network"]:
+        return saved["network"]["intermediate.0.weight"].shape[0]
+    arguments = saved["model_arguments"]
     if arguments["encoder"] == "bow":
         return arguments["dim"]
     config = json.loads((Path(path).parent / "encoder" / "config.json").read_text())
@@ -105,13 +105,13 @@ def effective_fan_in(weight):
 
 def plot_checkpoint(path, out):
     try:
-        state = load_checkpoint(path)
+        saved = load_checkpoint(path)
     except (ValueError, OSError) as error:  # missing, damaged, foreign: checkpoint.py's one line
         raise SystemExit(f"plot.py: {error}")
-    if "classifier.indices" not in state["model"]:
+    if "classifier.indices" not in saved["network"]:
         raise SystemExit(f"plot.py: {path} holds a dense classifier: no connectivity to show")
-    weight, indices = state["model"]["classifier.weight"].float(), state["model"]["classifier.indices"].long()
-    (labels, fan_in), features = weight.shape, classifier_inputs(state, path)
+    weight, indices = saved["network"]["classifier.weight"].float(), saved["network"]["classifier.indices"].long()
+    (labels, fan_in), features = weight.shape, classifier_inputs(saved, path)
     figure, axes = plt.subplots(1, 3, figsize=(WIDTH, 3.8), constrained_layout=True)
 
     readers = torch.bincount(indices.flatten(), minlength=features).sort(descending=True).values
@@ -133,8 +133,8 @@ def plot_checkpoint(path, out):
                 ylabel="|weight|", yscale="log")
     axes[1].legend(fontsize=8)
 
-    if "label_counts" in state:  # head to tail: labels by training frequency, in ten equal groups
-        order = torch.as_tensor(state["label_counts"]).long().argsort(descending=True, stable=True)
+    if "label_counts" in saved:  # head to tail: labels by training frequency, in ten equal groups
+        order = torch.as_tensor(saved["label_counts"]).long().argsort(descending=True, stable=True)
         groups = np.array_split(effective_fan_in(weight)[order].numpy(), 10)
         axes[2].bar(np.arange(1, 11), [g.mean() for g in groups])
         axes[2].axhline(fan_in, color="k", linestyle="--", label=f"k = {fan_in}")

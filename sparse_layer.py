@@ -12,10 +12,10 @@ Two backends compute the same function, on the transposed activations xT[D, B] (
 feature, so that gathering the features of a label reads whole rows):
   * "torch": library ops on the CPU or any GPU, none of which builds a dense [L, D] matrix or an
     [L, k, B] tensor: embedding_bag for the forward pass and grad-x, sampled_addmm for grad-w;
-  * "cuda": the kernels of kernels.cu, compiled and launched by cuda_launch.py (cupy, NVRTC): the tiled
-    forward and grad-w kernels where a tile of xT fits in shared memory and grad-x as a gather
-    over the transposed connectivity, the simple kernels otherwise ("cuda-simple": the simple,
-    correct-first kernels always, to compare).
+  * "cuda": the kernels of kernels.cu, chosen, compiled and launched by cuda_launch.py (CudaOps,
+    cupy, NVRTC): the tiled forward and grad-w kernels where a tile of xT fits in shared memory
+    and grad-x as a gather over the transposed connectivity, the simple kernels otherwise
+    ("cuda-simple": the simple, correct-first kernels always, to compare).
 "auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
 
 The input gradient reads the connectivity the other way round (for every input feature, the
@@ -31,8 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cuda_launch import (GATHER_CHUNK, KERNEL_TYPES, SLOT_BYTES, TILE_B, cupy_available, gpu_limits, launch,
-                         launch_config)
+from cuda_launch import KERNEL_TYPES, CudaOps, SimpleCudaOps, cupy_available
 
 # Largest temporary of random_distinct_indices ([rows, D] random scores) and of the torch backend's
 # grad-w on a GPU ([labels, k, B] gathered inputs) built at once, by device type.
@@ -48,16 +47,16 @@ BACKENDS = ("auto", "torch", "cuda", "cuda-simple")
 # Backend "torch". Each function mirrors one kernel of kernels.cu; sums accumulate in float32
 # (promote_types: float64 stays float64, for gradcheck).
 
-class Transposed(NamedTuple):
-    """The connectivity read by input feature: `order` [L*k] holds the flat slot positions l*k + j
-    sorted by (l // chunk, indices[l, j]), `starts` [chunks*D + 1] where chunk c's slots that read
-    feature d begin (int32 both, as the kernels read them)."""
+class SlotsByInput(NamedTuple):
+    """The transposed connectivity, the slots by input feature: `order` [L*k] holds the flat slot
+    positions l*k + j sorted by (l // chunk, indices[l, j]), `starts` [chunks*D + 1] where chunk c's
+    slots that read feature d begin (int32 both, as the kernels read them)."""
     order: torch.Tensor
     starts: torch.Tensor
 
 
 def transpose_connectivity(indices, in_features, chunk):
-    """Transposed(order, starts) of indices [L, k] for label chunks of `chunk` labels. One stable
+    """SlotsByInput(order, starts) of indices [L, k] for label chunks of `chunk` labels. One stable
     sort: within a chunk and feature, slots keep their order (so sums run in a fixed order)."""
     labels, fan_in = indices.shape
     chunk = max(1, min(chunk, labels))
@@ -71,7 +70,7 @@ def transpose_connectivity(indices, in_features, chunk):
     keys, order = torch.sort(keys, stable=True)
     starts = torch.zeros(chunks * in_features + 1, dtype=torch.int32, device=indices.device)
     starts[1:] = torch.bincount(keys, minlength=chunks * in_features).cumsum(0)
-    return Transposed(order.int(), starts)
+    return SlotsByInput(order.int(), starts)
 
 
 class TorchOps:
@@ -85,16 +84,17 @@ class TorchOps:
         return yT.add_(bias[:, None].to(acc)).to(xT.dtype)
 
     @staticmethod
-    def transpose(indices, in_features):
-        return transpose_connectivity(indices, in_features, GATHER_LABELS.get(indices.device.type, GATHER_LABELS["cpu"]))
+    def labels_per_chunk(device):
+        """Labels per chunk of the slots by input feature that grad_input reads."""
+        return GATHER_LABELS.get(device.type, GATHER_LABELS["cpu"])
 
     @staticmethod
-    def grad_input(grad_yT, weight, indices, in_features, transposed):
+    def grad_input(grad_yT, weight, indices, in_features, by_input):
         # A gather, like the forward pass: bag d of chunk c sums the rows grad_yT[l] of the slots
         # (l, j) of that chunk that read feature d, each scaled by weight[l, j].
         acc = torch.promote_types(grad_yT.dtype, torch.float32)
         grad_yT_acc = grad_yT.to(acc)
-        order, starts = transposed
+        order, starts = by_input
         labels = order // indices.shape[1]
         weights = weight.reshape(-1).to(acc)[order]
         grad_xT = torch.zeros(in_features, grad_yT.shape[1], dtype=acc, device=grad_yT.device)
@@ -141,116 +141,6 @@ class TorchOps:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend "cuda": kernels.cu through cupy, on PyTorch's current stream.
-
-class CudaOps:
-    """The kernels of kernels.cu: tiled where the activation tile fits in shared memory and grad-x
-    as a gather where its chunk fits, else simple. `launch` and `limits` are the seams the CPU
-    shim tests replace."""
-    launch = staticmethod(launch)
-    tile_threads = 1024
-    use_tiles = True
-    gather_chunk = GATHER_CHUNK  # labels per chunk, as compiled into kernels.cu
-
-    @staticmethod
-    def limits(device):
-        """(multiprocessors, shared bytes one block may have, shared bytes per multiprocessor)."""
-        return gpu_limits(device.index)
-
-    @classmethod
-    def transpose(cls, indices, in_features):
-        return transpose_connectivity(indices, in_features, cls.gather_chunk) if cls.use_tiles else None
-
-    @classmethod
-    def tiled_launch(cls, device, tile_bytes, num_labels):
-        """(blocks, threads, shared bytes) of a tiled kernel, or None where its tile does not fit:
-        as many blocks as stay resident at once, so that each block copies each tile once."""
-        shared = cls.tile_threads * SLOT_BYTES + tile_bytes  # a slot buffer per lane, the tile
-        multiprocessors, per_block, per_multiprocessor = cls.limits(device)
-        if not cls.use_tiles or shared > per_block:
-            return None
-        # at most 2048 threads per multiprocessor; CUDA reserves 1 KB of shared memory per block
-        resident = max(1, min(2048 // cls.tile_threads, per_multiprocessor // (shared + 1024)))
-        blocks = min(multiprocessors * resident, math.ceil(num_labels / (cls.tile_threads // 32)))
-        return blocks, cls.tile_threads, shared
-
-    @classmethod
-    def gather_launch(cls, device, element_size, num_labels, batch, in_features):
-        """(blocks, threads, shared bytes, features per warp, groups) of the gather grad-x kernel,
-        or None where even one feature per warp does not fit. The block's accumulators for its
-        features are the large part of its shared memory: where all D do not fit, the features
-        are split into parts (each part reads grad_yT once more). One block per multiprocessor."""
-        multiprocessors, per_block, _ = cls.limits(device)
-        warps = cls.tile_threads // 32
-        fixed = cls.tile_threads * SLOT_BYTES + cls.gather_chunk * TILE_B * element_size
-        for parts in range(1, in_features + 1):
-            per_warp = math.ceil(in_features / (warps * parts))
-            shared = fixed + warps * per_warp * TILE_B * 4
-            if shared <= per_block:
-                break
-        else:
-            return None
-        parts, tiles = math.ceil(in_features / (warps * per_warp)), math.ceil(batch / TILE_B)
-        groups = max(1, min(math.ceil(num_labels / cls.gather_chunk), multiprocessors // (parts * tiles)))
-        return groups * parts * tiles, cls.tile_threads, shared, per_warp, groups
-
-    @classmethod
-    def forward(cls, xT, weight, indices, bias):
-        (labels, fan_in), (in_features, batch) = weight.shape, xT.shape
-        yT = torch.empty(labels, batch, dtype=xT.dtype, device=xT.device)
-        if yT.numel() == 0:
-            return yT
-        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
-        if tiled:
-            cls.launch("fixed_fanin_forward_tiled", xT.dtype, *tiled,
-                       xT, weight, indices, bias, yT, labels, fan_in, batch, in_features)
-        else:
-            cls.launch("fixed_fanin_forward", xT.dtype, *launch_config(labels * batch), 0,
-                       xT, weight, indices, bias, yT, labels, fan_in, batch)
-        return yT
-
-    @classmethod
-    def grad_input(cls, grad_yT, weight, indices, in_features, transposed):
-        (labels, fan_in), batch = weight.shape, grad_yT.shape[1]
-        if in_features * batch == 0 or weight.numel() == 0:
-            return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device)
-        gather = transposed and cls.gather_launch(grad_yT.device, grad_yT.element_size(), labels, batch, in_features)
-        if gather:  # each group of chunks sums into its own slice; the slices are added in a fixed order
-            blocks, threads, shared, per_warp, groups = gather
-            partial = torch.empty(groups, in_features, batch, dtype=torch.float32, device=grad_yT.device)
-            cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, blocks, threads, shared,
-                       grad_yT, weight, indices, transposed.order, transposed.starts, partial,
-                       labels, fan_in, batch, in_features, per_warp, groups)
-            return partial.sum(0).to(grad_yT.dtype)
-        # float32 buffer: the simple kernel scatters with float atomics
-        grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
-        cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
-                   grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
-        return grad_xT.to(grad_yT.dtype)
-
-    @classmethod
-    def grad_weight(cls, grad_yT, xT, indices):
-        (labels, fan_in), (in_features, batch) = indices.shape, xT.shape
-        if indices.numel() == 0 or batch == 0:
-            return torch.zeros(labels, fan_in, dtype=xT.dtype, device=xT.device)
-        tiled = cls.tiled_launch(xT.device, in_features * TILE_B * xT.element_size(), labels)
-        if tiled:  # sums over batch tiles in float; one cast at the end
-            grad_weight = torch.empty(labels, fan_in, dtype=torch.float32, device=xT.device)
-            cls.launch("fixed_fanin_grad_weight_tiled", xT.dtype, *tiled,
-                       grad_yT, xT, indices, grad_weight, labels, fan_in, batch, in_features)
-            return grad_weight.to(xT.dtype)
-        grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
-        cls.launch("fixed_fanin_grad_weight", xT.dtype, *launch_config(labels * fan_in), 0,
-                   grad_yT, xT, indices, grad_weight, labels, fan_in, batch)
-        return grad_weight
-
-
-class SimpleCudaOps(CudaOps):
-    """Backend "cuda-simple": the simple kernels whatever the size (bench.py compares the sets)."""
-    use_tiles = False
-
-
-# ---------------------------------------------------------------------------------------------
 # Autograd and the public function.
 
 class _FixedFanIn(torch.autograd.Function):
@@ -275,8 +165,9 @@ class _FixedFanIn(torch.autograd.Function):
         grad_yT = grad_y.t().contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if ctx.ops not in ctx.cache:
-                ctx.cache[ctx.ops] = ctx.ops.transpose(indices, xT.shape[0])
+            if ctx.ops not in ctx.cache:  # the slots by input feature, for these indices (None: not read)
+                chunk = ctx.ops.labels_per_chunk(xT.device)
+                ctx.cache[ctx.ops] = None if chunk is None else transpose_connectivity(indices, xT.shape[0], chunk)
             grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.cache[ctx.ops]).t()
         if ctx.needs_input_grad[1]:
             grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)

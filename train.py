@@ -158,20 +158,22 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
     inputs = dict(label_names=xmc.label_names, vocabulary=xmc.vocabulary if bow else None,
                   feature_weights=torch.from_numpy(xmc.feature_weights) if bow and xmc.feature_weights is not None
                   else None)
-    rewire_schedule = dst.RewireSchedule(int(config.rewire_end * config.epochs) * batches_per_epoch,
-                                         config.rewire_interval, config.rewire_fraction, config.rewire_threshold,
-                                         config.rewire_fraction_schedule, config.rewire_threshold_floor)
+    rewire_schedule = dst.RewireSchedule(
+        last_batch=int(config.rewire_end * config.epochs) * batches_per_epoch, interval=config.rewire_interval,
+        fraction=config.rewire_fraction, threshold=config.rewire_threshold,
+        fraction_schedule=config.rewire_fraction_schedule, threshold_floor=config.rewire_threshold_floor)
     rebuild = dict(model_arguments=arguments, inputs=inputs,
                    label_counts=torch.from_numpy(xmc.label_frequencies().astype(np.int32)),  # plot.py: head vs tail
                    max_length=None if config.encoder == "bow" else config.max_length,
                    data_arguments=dict(source=source, format=config.format, augment_labels=config.augment_labels,
                                        propensity=(config.propensity_a, config.propensity_b), idf=config.idf))
     autocast = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2**12, enabled=autocast == torch.float16)
     return TrainingState(
         network=network, replica=replica, rank=rank, world=world, optimizers=optimizers, clusters=clusters,
         batches_per_epoch=batches_per_epoch, rewire_schedule=rewire_schedule, rebuild=rebuild,
         schedulers=[torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers],
-        autocast=autocast, scaler=torch.amp.GradScaler(device.type, init_scale=2**12, enabled=autocast == torch.float16))
+        autocast=autocast, scaler=scaler)
 
 
 def seed_of(*parts):
@@ -191,19 +193,26 @@ def train_step(config, state, batch, device, window, last):
     """One batch (module docstring, 1-4); `last`: it closes a window of `window` batches, whose
     gradients add up to one optimizer step. Returns (s, [total, main, aux] loss, connections rewired)."""
     s = aux_weight(config, state.batches_done / state.batches_per_epoch)
-    with autocast(state, device):
+    with torch.autocast(device.type, dtype=state.autocast, enabled=state.autocast is not None):
         scores, meta_scores = state.replica(batch, with_meta=s > 0)
-    main = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
+    main_loss = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
     if config.loss in model.SUMMED and state.world > 1:
-        main = main * state.world  # DDP averages the ranks' gradients; a sum over the global batch sums its shares
-    aux = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
-           else main.new_zeros(()))
-    loss = (1 - s) * main + s * aux
-    losses = torch.stack([loss.detach(), main.detach(), aux.detach()])
+        main_loss = main_loss * state.world  # DDP averages the ranks' gradients; a sum over the batch sums its shares
+    aux_loss = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
+                else main_loss.new_zeros(()))
+    loss = (1 - s) * main_loss + s * aux_loss
+    losses = torch.stack([loss.detach(), main_loss.detach(), aux_loss.detach()])
     if state.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)
         losses /= state.world
-    check_finite(state, losses[0])
+    # A non-finite loss stops a run without a gradient scaler. With one (fp16) it goes on into the
+    # backward pass, where the scaler finds non-finite gradients and skips the step (optimizer_step),
+    # unless the loss stays non-finite for NON_FINITE_LIMIT batches. No checkpoint is overwritten.
+    state.non_finite_in_a_row = 0 if torch.isfinite(losses[0]) else state.non_finite_in_a_row + 1
+    if state.non_finite_in_a_row and (not state.scaler.is_enabled() or state.non_finite_in_a_row >= NON_FINITE_LIMIT):
+        in_a_row = f" (non-finite {state.non_finite_in_a_row} batches in a row)" if state.scaler.is_enabled() else ""
+        raise FloatingPointError(f"loss is {losses[0].item()} at batch {state.batches_done}{in_a_row}; stopping "
+                                 f"before any checkpoint is overwritten")
     # DDP averages the gradients across processes once a window, at its last backward pass
     with contextlib.nullcontext() if last or state.world == 1 else state.replica.no_sync():
         state.scaler.scale(loss / window).backward()
@@ -222,23 +231,6 @@ def train_step(config, state, batch, device, window, last):
                                previous_regrown=state.last_regrown)
             state.last_regrown, state.last_survival, rewired = stats["regrown"], stats["survived"], stats["rewired"]
     return s, losses, rewired
-
-
-def autocast(state, device):
-    """The forward passes' mixed precision (state.autocast), or none."""
-    return torch.autocast(device.type, dtype=state.autocast) if state.autocast else contextlib.nullcontext()
-
-
-def check_finite(state, loss):
-    """A non-finite loss stops a run without a gradient scaler; with one (fp16) it goes on into the
-    backward pass, where the scaler finds the non-finite gradients and skips the step, unless the
-    loss stays non-finite for NON_FINITE_LIMIT batches. Either way no checkpoint is overwritten."""
-    finite = bool(torch.isfinite(loss))
-    state.non_finite_in_a_row = 0 if finite else state.non_finite_in_a_row + 1
-    if not finite and (not state.scaler.is_enabled() or state.non_finite_in_a_row >= NON_FINITE_LIMIT):
-        in_a_row = f" (non-finite {state.non_finite_in_a_row} batches in a row)" if state.scaler.is_enabled() else ""
-        raise FloatingPointError(f"loss is {loss.item()} at batch {state.batches_done}{in_a_row}; stopping before "
-                                 f"any checkpoint is overwritten")
 
 
 def optimizer_step(config, state):
@@ -282,8 +274,8 @@ def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
                 progress.write(f"batch {state.batches_done}: loss {record['loss']:.4g}, "
                                f"{record['ms_per_batch']:.0f} ms/batch, {record['documents_per_s']:.0f} documents/s")
             since, since_totals, since_number = time.time(), totals.clone(), number
-    loss, main, aux = (totals / state.batches_per_epoch).tolist()
-    return {"loss": loss, "main": main, "aux": aux, "rewired": rewired, "aux_weight": s,
+    loss, main_loss, aux_loss = (totals / state.batches_per_epoch).tolist()
+    return {"loss": loss, "main": main_loss, "aux": aux_loss, "rewired": rewired, "aux_weight": s,
             "skipped_steps": state.skipped_steps - skipped}
 
 
@@ -299,21 +291,22 @@ def keep_best(state, epoch, evaluated):
     return False
 
 
-def run(config, stop_after_epoch=None):
-    """Train (or resume) and return the final metrics, in every process of a torchrun job
-    (processes.py). stop_after_epoch ends early (tests)."""
+def run(config):
+    """Train (or resume) and return the final metrics, in every process of a torchrun job (processes.py)."""
     with processes.joined(config.device) as (rank, world, device):
-        return train_and_evaluate(config, rank, world, device, stop_after_epoch)
+        return train_and_evaluate(config, rank, world, device)
 
 
 def dry_run(xmc, state, tokens, seconds, device):
     """--dry-run, once everything is prepared: the sizes of what training would read and hold, how
-    long preparing took (seconds) and the process's peak resident memory, as JSON (rehearse.py reads it)."""
+    long preparing took (seconds) and the process's peak resident memory, as JSON (tools/rehearse.py
+    reads it)."""
     report = {"train_documents": len(xmc.train), "test_documents": len(xmc.test), "labels": xmc.num_labels,
               "features": xmc.num_features, "clusters": 0 if state.clusters is None else int(state.clusters.max()) + 1,
               "token_cache_MB": sum(rows.nbytes for rows in tokens.values() if rows is not None) / 2**20,
               "parameters": sum(p.numel() for p in state.network.parameters()),
-              **checkpoint.memory_report(state.network, device), **seconds, "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+              **checkpoint.memory_report(state.network, device), **seconds,
+              "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     print("dry run: " + json.dumps(report, indent=1))
     return report
 
@@ -350,7 +343,7 @@ def evaluate_splits(config, state, xmc, tokens, device):
     return results
 
 
-def train_and_evaluate(config, rank, world, device, stop_after_epoch):
+def train_and_evaluate(config, rank, world, device):
     """Set up; then per epoch: train, evaluate when due, log, checkpoint, stop when patience runs out."""
     torch.manual_seed(config.seed)
     out, started = Path(config.out), time.time()
@@ -363,13 +356,13 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
     state = set_up(config, source, xmc, clusters, device, rank, world)
     if config.dry_run:
         return dry_run(xmc, state, tokens, seconds, device)
-    first_epoch = checkpoint.resume(out, state, config) if config.resume else 0
+    epochs_done = checkpoint.resume(out, state, config) if config.resume else 0
     announce(config, state, device)
     if rank == 0:
-        checkpoint.prepare_out(config, state.network, out, first_epoch)
+        checkpoint.prepare_out(config, state.network, out, epochs_done)
     run_log = checkpoint.RunLog(config, out, rank)
-    results, epoch = {}, first_epoch - 1
-    for epoch in range(first_epoch, config.epochs):
+    results, epoch = {}, epochs_done - 1
+    for epoch in range(epochs_done, config.epochs):  # 0-based here (the seeds'); epoch + 1 in logs and checkpoints
         epoch_start = time.time()
         trained = train_epoch(config, state, epoch, xmc.train, xmc.fit_rows(), tokens["train"], device, run_log)
         if not all(bool(torch.isfinite(p).all()) for p in state.network.parameters()):
@@ -383,17 +376,14 @@ def train_and_evaluate(config, rank, world, device, stop_after_epoch):
         print(f"epoch {epoch + 1}: loss {record['loss']:.4g} (aux weight {record['aux_weight']:.2f}), rewired "
               f"{record['rewired']:,}" + (f", P@1 {results['P@1']:.2f} P@5 {results['P@5']:.2f}" if evaluated else "")
               + (f" (validation P@1 {results['validation']['P@1']:.2f})" if "validation" in evaluated else "")
-              + (f"; the fp16 loss scaler skipped {trained['skipped_steps']} steps" if trained["skipped_steps"] else ""))
+              + (f"; the fp16 loss scaler skipped {record['skipped_steps']} steps" if record["skipped_steps"] else ""))
         run_log.write(record)
         if rank == 0:
-            checkpoint.save_epoch(out, checkpoint.checkpoint_state(state, epoch, config), best=improved)
+            checkpoint.save_epoch(out, checkpoint.checkpoint_state(state, epoch + 1, config), best=improved)
         if config.patience and state.evaluations_since_best_p3 >= config.patience:
             print(f"early stop: {'test' if xmc.validation is None else 'validation'} P@3 has not improved for "
                   f"{state.evaluations_since_best_p3} evaluations")
             break
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            run_log.close()
-            return results
     report(config, state, xmc, results, epoch, time.time() - started, device)
     run_log.close()
     return results

@@ -1,5 +1,7 @@
 """Shared test helpers: the project root on sys.path, the independent dense reference, a stand-in
-model of fixed scores, a tiny local BERT, and small data sets written in every layout."""
+model of fixed scores, a tiny local BERT, small data sets written in every layout, the tiny
+synthetic run (`tiny`) and a run stopped after an epoch (`run_until`)."""
+import functools
 import gzip
 import json
 import sys
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 
 class FixedScores(torch.nn.Module):
@@ -145,3 +147,34 @@ def refuse_to_open(monkeypatch, refused):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *arguments, **keywords)
     monkeypatch.setattr("builtins.open", guarded)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """A Config that trains the tests' tiny synthetic data set in a second or two."""
+    import data
+    from config import Config
+    monkeypatch.setattr(data, "synthetic", functools.partial(data.synthetic, **TINY))
+    return Config(out=str(tmp_path / "run"), epochs=3, dim=32, intermediate=0, fan_in=8, batch_size=32,
+                  warmup_steps=5, lr_encoder=1e-3, rewire_interval=10, aux_weight=0.4, aux_epochs=2, max_leaf=20)
+
+
+class Killed(Exception):
+    """What run_until stops a run with."""
+
+
+def run_until(config, epochs):
+    """train.run(config), stopped right after the checkpoint of epoch `epochs` is written, as a kill
+    would stop it: what --resume continues from."""
+    import checkpoint
+    import train
+    save = checkpoint.save_epoch
+
+    def save_then_stop(out, saved, best):
+        save(out, saved, best)
+        if saved["epochs_done"] == epochs:
+            raise Killed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "save_epoch", save_then_stop)
+        with pytest.raises(Killed):
+            train.run(config)

@@ -1,4 +1,4 @@
-"""baseline.py's scoring of napkinXC's predictions, with a stand-in for napkinXC (not a dependency):
+"""tools/baseline.py's scoring of napkinXC's predictions, with a stand-in for napkinXC (not a dependency):
 P@k against brute force on prediction lists that are shorter than 5, as a PLT's can be."""
 import sys
 import types

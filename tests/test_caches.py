@@ -6,7 +6,6 @@ import numpy as np
 
 import caches
 import data
-import token_ids
 import xc_files
 from conftest import SPLITS, write, write_data_set
 
@@ -15,9 +14,9 @@ def test_token_cache_is_built_once_reused_and_rebuilt_when_stale_or_damaged(tmp_
     folder = write_data_set(tmp_path / "Set", "raw", SPLITS)
     write(folder / "test_raw_texts.txt", "red apple\nsky [PAD] sea\n" + "pie\n" * 10)
     xmc = xc_files.load(folder)
-    monkeypatch.setattr(token_ids, "TOKENIZE_BATCH", 5)  # several batches
+    monkeypatch.setattr(caches, "TOKENIZE_BATCH", 5)  # several batches
     rows = np.array(caches.token_cache(xmc.test, str(tokenizer_dir), 6, folder))  # a copy: the test damages the file
-    tokenizer = token_ids.load_tokenizer(tokenizer_dir)
+    tokenizer = caches.load_tokenizer(tokenizer_dir)
     expected = tokenizer(list(xmc.test.texts), max_length=6, truncation=True, padding="max_length", return_tensors="np")
     assert np.array_equal(rows["ids"], expected["input_ids"]) and rows["ids"].dtype == np.uint16
     assert rows["length"].tolist()[:2] == [4, 5]  # [CLS] red apple [SEP]; the [PAD] in the text counts
@@ -26,10 +25,10 @@ def test_token_cache_is_built_once_reused_and_rebuilt_when_stale_or_damaged(tmp_
     assert batch.tokens["attention_mask"].tolist() == [[1] * 5, [1] * 4 + [0]]
 
     files = list(folder.glob("tokens_*.npy"))
-    monkeypatch.setattr(token_ids, "encode", None)  # a second run must not tokenise again
+    monkeypatch.setattr(caches, "encode", None)  # a second run must not tokenise again
     assert np.array_equal(caches.token_cache(xmc.test, str(tokenizer_dir), 6, folder), rows)
     monkeypatch.undo()
-    monkeypatch.setattr(token_ids, "TOKENIZE_BATCH", 5)
+    monkeypatch.setattr(caches, "TOKENIZE_BATCH", 5)
 
     files[0].write_bytes(files[0].read_bytes()[:200])  # damaged
     assert np.array_equal(caches.token_cache(xmc.test, str(tokenizer_dir), 6, folder), rows)

@@ -1,7 +1,7 @@
 """The README's commands as a new user runs them: `--dry-run` on the default run and on every layout,
-`--epochs` typed on a small folder, and runs in new processes, whose string hashes differ: the same
-vocabulary and label clusters, and a resumed raw-text run equal to an uninterrupted one (and a
-resume over changed texts refused)."""
+`--epochs` typed on a small folder, tools/rehearse.py at a tiny size, and runs in new processes,
+whose string hashes differ: the same vocabulary and label clusters, and a resumed raw-text run
+equal to an uninterrupted one (and a resume over changed texts refused)."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import torch
 
 import train
 from config import Config
-from conftest import ROOT, SPLITS, write_data_set
+from conftest import ROOT, SPLITS, run_until, tiny_bert, write_data_set
 
 
 def run_main(monkeypatch, capsys, argv):
@@ -68,8 +68,9 @@ def test_the_vocabulary_and_clusters_are_the_same_whatever_the_hash_seed(tmp_pat
     assert built[1] == built[0] and built[2] == built[0]
 
 
-RUN = ("import sys, train; from config import parse_config; "
-       "train.run(parse_config(sys.argv[2:]), stop_after_epoch=int(sys.argv[1]) or None)")
+RUN = ("import os, sys, checkpoint, train; from config import parse_config; save = checkpoint.save_epoch; "
+       "checkpoint.save_epoch = lambda out, saved, best: (save(out, saved, best), "  # killed after epoch argv[1]
+       "saved['epochs_done'] == int(sys.argv[1]) and os._exit(0)); train.run(parse_config(sys.argv[2:]))")
 
 
 def test_a_raw_text_run_resumed_under_another_hash_seed_equals_an_uninterrupted_one(tmp_path):
@@ -80,10 +81,11 @@ def test_a_raw_text_run_resumed_under_another_hash_seed_equals_an_uninterrupted_
     in_a_new_process(1, RUN, 0, *flags, "--out", tmp_path / "straight")
     in_a_new_process(1, RUN, 1, *flags, "--out", tmp_path / "resumed")
     in_a_new_process(2, RUN, 0, *flags, "--out", tmp_path / "resumed", "--resume")
-    straight, resumed = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "resumed"))
+    straight, resumed = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
+                         for run in ("straight", "resumed"))
     assert straight["inputs"]["vocabulary"] == resumed["inputs"]["vocabulary"]
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    for name, tensor in straight["network"].items():
+        assert torch.equal(tensor, resumed["network"][name]), name
 
 
 def test_a_resume_over_changed_training_texts_is_refused_in_one_line(tmp_path):
@@ -91,8 +93,26 @@ def test_a_resume_over_changed_training_texts_is_refused_in_one_line(tmp_path):
     folder = write_data_set(tmp_path / "Raw", "raw", SPLITS)
     run = dict(data=str(folder), format="raw", epochs=2, dim=16, intermediate=0, fan_in=4, batch_size=8,
                aux_weight=0.0, device="cpu", out=str(tmp_path / "run"))
-    train.run(Config(**run), stop_after_epoch=1)
+    run_until(Config(**run), 1)
     texts = folder / "train_raw_texts.txt"
     texts.write_text(texts.read_text().replace("w19", "w99"))  # as many words, one of them another
     with pytest.raises(ValueError, match=r"belongs to another model: another vocabulary of the training texts"):
         train.run(Config(**run, resume=True))
+
+
+def test_rehearse_writes_a_shaped_data_set_and_reports_a_first_and_a_cached_start(tmp_path):
+    """tools/rehearse.py at a tiny size: amazon670k's shape at 1/1000 of its labels, 40 training documents,
+    the tests' tiny BERT (128 wide, for the preset's fan-in) as the tokenizer and encoder."""
+    encoder = tiny_bert(tmp_path / "bert", hidden=128)
+    finished = subprocess.run([sys.executable, str(ROOT / "tools" / "rehearse.py"), "amazon670k", "--scale", "0.001",
+                               "--documents", "40", "--workdir", str(tmp_path), "--encoder", str(encoder)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    folder = tmp_path / "Amazon-670K"
+    assert len((folder / "train_raw_texts.txt").read_text().splitlines()) == 40
+    assert len((folder / "train_labels.txt").read_text().splitlines()) == 40
+    assert finished.stdout.startswith("amazon670k x 0.001: 40 train / 12 test documents, 670 labels")
+    rows = [line.split(" | ") for line in finished.stdout.splitlines() if line.startswith(("| first", "| cached"))]
+    assert [row[0] for row in rows] == ["| first", "| cached"]
+    assert rows[0][-1] == rows[1][-1]  # the same token cache's size
+    assert len(list(folder.glob("tokens_*.npy"))) == 2 and len(list(folder.glob("clusters_*.npy"))) == 1  # built once

@@ -32,7 +32,8 @@ def test_lean_losses_keep_the_gradient_of_16_bit_scores_at_the_papers_scale(name
     generator = torch.Generator().manual_seed(0)
     batch, labels = 64, 200_000
     base = torch.randn(labels, batch, generator=generator) * 2
-    rows, positives = torch.randint(0, batch, (500,), generator=generator), torch.randint(0, labels, (500,), generator=generator)
+    rows = torch.randint(0, batch, (500,), generator=generator)
+    positives = torch.randint(0, labels, (500,), generator=generator)
     factor = 2.0 ** 16 if name != "bce" else 1.0  # a summed loss's slopes need no scaling up in fp16
     scores = base.to(dtype).T.requires_grad_()  # the layer's transposed view
     (model.LOSSES[name](scores, rows, positives) * factor).backward()
@@ -107,7 +108,7 @@ def test_the_fp16_scaler_skips_a_non_finite_step_logs_it_and_trains_on(tiny, mon
     assert [record["skipped_steps"] for record in log] == [1, 0] and results["P@1"] > 0
     saved = torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)
     assert saved["scaler"]["scale"] == 2.0 ** 11  # 2^12, halved once
-    assert all(bool(torch.isfinite(t).all()) for t in saved["model"].values())
+    assert all(bool(torch.isfinite(t).all()) for t in saved["network"].values())
 
 
 def test_a_loss_that_stays_non_finite_stops_the_fp16_run(tiny, monkeypatch):
@@ -119,9 +120,10 @@ def test_a_loss_that_stays_non_finite_stops_the_fp16_run(tiny, monkeypatch):
         return model.squared_hinge(scores, rows, labels) * (float("nan") if len(calls) > 22 else 1.0)
 
     monkeypatch.setitem(model.LOSSES, "squared_hinge", diverged)
-    with pytest.raises(FloatingPointError, match=rf"at batch 31 \(non-finite {train.NON_FINITE_LIMIT} batches in a row"):
+    limit = train.NON_FINITE_LIMIT
+    with pytest.raises(FloatingPointError, match=rf"at batch 31 \(non-finite {limit} batches in a row"):
         train.run(tiny)
-    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["batch"] == 19
+    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["batches_done"] == 19
 
 
 @pytest.mark.parametrize("sparse", [True, False])

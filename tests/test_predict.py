@@ -85,11 +85,9 @@ def test_predict_ranks_new_documents_as_the_test_split_is_ranked(datasets, name,
         assert names[expected_labels[0, 0]].startswith("tag")  # label names, as in the training files
 
 
-def test_checkpoints_that_call_the_feature_weights_idf_still_read():
-    weights = torch.tensor([0.0, 1.5])
-    for inputs in ({"idf": weights}, {"feature_weights": weights}):
-        assert evaluate.feature_weights(inputs).tolist() == [0.0, 1.5]
-    assert evaluate.feature_weights({"idf": None}) is None
+def test_a_checkpoints_feature_weights_read_back():
+    assert evaluate.feature_weights({"feature_weights": torch.tensor([0.0, 1.5])}).tolist() == [0.0, 1.5]
+    assert evaluate.feature_weights({"feature_weights": None}) is None
 
 
 def test_odd_documents_have_defined_behaviour(datasets, capsys):

@@ -1,8 +1,7 @@
-"""train.py end to end on tiny data sets: training lowers the loss, exact resume (also with gradient
-accumulation and after a damaged checkpoint), the two optimizers and their schedules, non-finite
-losses and weights, step records, transformers on raw text, one-line errors of the command line."""
+"""train.py end to end on tiny data sets: training lowers the loss, the two optimizers and their
+schedules, non-finite losses and weights, the best epoch, transformers on raw text, one-line errors
+of the command line (resume: test_checkpoint.py)."""
 import dataclasses
-import functools
 import json
 import shutil
 import sys
@@ -17,17 +16,10 @@ import data
 import evaluate
 import model
 import train
-import token_ids
+import caches
 from config import Config, parse_config
-from conftest import SPLITS, TINY, build_model, refuse_to_open, tiny_bert, write_data_set
+from conftest import SPLITS, build_model, refuse_to_open, tiny_bert, write_data_set
 from test_config import PAPER
-
-
-@pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "synthetic", functools.partial(data.synthetic, **TINY))
-    return Config(out=str(tmp_path / "run"), epochs=3, dim=32, intermediate=0, fan_in=8, batch_size=32,
-                  warmup_steps=5, lr_encoder=1e-3, rewire_interval=10, aux_weight=0.4, aux_epochs=2, max_leaf=20)
 
 
 def test_aux_weight_decays_by_cosine_then_stops():
@@ -49,67 +41,6 @@ def test_training_lowers_the_loss_and_gives_sane_metrics(tiny, sparse):
     assert log[0]["aux_weight"] > 0 and log[-1]["aux_weight"] == 0
 
 
-def test_resume_continues_exactly(tiny, tmp_path):
-    # Bit-identical on the CPU; on a GPU the float atomics of the sparse layer's input gradient
-    # add in a varying order, so two runs differ in the last bits even without a resume.
-    tiny = dataclasses.replace(tiny, device="cpu")
-    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
-    train.run(straight)
-    interrupted = dataclasses.replace(tiny, out=str(tmp_path / "interrupted"))
-    train.run(interrupted, stop_after_epoch=1)
-    train.run(dataclasses.replace(interrupted, resume=True))
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert a["batch"] == b["batch"]
-    logs = [[json.loads(l) for l in open(tmp_path / run / "log.jsonl")] for run in ("straight", "interrupted")]
-    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
-
-
-def test_a_run_never_overwrites_a_previous_checkpoint(tiny):
-    train.run(dataclasses.replace(tiny, epochs=2))
-    with pytest.raises(FileExistsError, match="checkpoint.pt exists: pass --resume"):
-        train.run(dataclasses.replace(tiny, epochs=1))
-    for path in Path(tiny.out).glob("checkpoint*.pt"):
-        path.unlink()
-    with pytest.raises(FileExistsError, match="log.jsonl exists: pass --resume"):  # nor a log
-        train.run(dataclasses.replace(tiny, epochs=1))
-
-
-def test_resume_falls_back_to_the_previous_checkpoint_and_still_continues_exactly(tiny, tmp_path, capsys):
-    tiny = dataclasses.replace(tiny, device="cpu")
-    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
-    train.run(straight)
-    damaged = dataclasses.replace(tiny, out=str(tmp_path / "damaged"))
-    train.run(damaged, stop_after_epoch=2)
-    newest = Path(damaged.out) / "checkpoint.pt"
-    newest.write_bytes(newest.read_bytes()[:100_000])  # its tail lost
-    (Path(damaged.out) / ".checkpoint.pt.tmp999").write_bytes(b"half a checkpoint")  # a killed write
-    with open(Path(damaged.out) / "log.jsonl", "a") as log:
-        log.write('{"epoch": 3, "lo')  # a half-written line
-    capsys.readouterr()
-    train.run(dataclasses.replace(damaged, resume=True))
-    output = capsys.readouterr().out
-    assert "checkpoint.pt is not a readable checkpoint" in output and "after epoch 1 " in output
-    assert not list(Path(damaged.out).glob(".*tmp*"))
-    a, b = (torch.load(Path(run.out) / "checkpoint.pt", weights_only=True) for run in (straight, damaged))
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    logs = [[json.loads(line) for line in open(Path(run.out) / "log.jsonl")] for run in (straight, damaged)]
-    assert [r["epoch"] for r in logs[1]] == [1, 2, 3] and [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
-
-
-def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny):
-    train.run(dataclasses.replace(tiny, epochs=1))
-    with pytest.raises(ValueError, match="belongs to another model: fan_in 8 there, 16 here"):
-        train.run(dataclasses.replace(tiny, resume=True, fan_in=16))
-    with pytest.raises(ValueError, match="num_clusters 8 there, 0 here"):
-        train.run(dataclasses.replace(tiny, resume=True, aux_weight=0.0))
-    train.run(dataclasses.replace(tiny, resume=True, epochs=2))  # other options may change
-    assert json.loads(open(Path(tiny.out) / "log.jsonl").readlines()[-1])["epoch"] == 2
-
-
 def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
     monkeypatch.setitem(model.LOSSES, "squared_hinge", lambda scores, rows, labels: scores.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="at batch 0"):
@@ -128,7 +59,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tin
     with pytest.raises(FloatingPointError, match="at batch 24"):
         train.run(tiny)
     state = torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)
-    assert state["batch"] == 19 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert state["batches_done"] == 19 and all(torch.isfinite(t).all() for t in state["network"].values())
 
 
 def test_non_finite_weights_are_never_saved(tiny, monkeypatch):
@@ -143,7 +74,7 @@ def test_non_finite_weights_are_never_saved(tiny, monkeypatch):
     monkeypatch.setattr(train, "train_epoch", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite weights after batch 38"):
         train.run(tiny)
-    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["batch"] == 19
+    assert torch.load(Path(tiny.out) / "checkpoint.pt", weights_only=True)["batches_done"] == 19
 
 
 def test_the_learning_rate_warms_up_linearly_then_falls_by_a_half_cosine():
@@ -182,27 +113,6 @@ def test_a_transformers_layer_norm_weights_and_biases_get_no_weight_decay(tmp_pa
     assert not any(n.endswith("bias") or "LayerNorm" in n for n in decayed)
 
 
-def test_resume_with_gradient_accumulation_continues_exactly_and_keeps_the_scaler(tiny, tmp_path):
-    """Windows of 3 batches (19 a epoch: the last window has 1); the gradient scaler's state is in
-    the checkpoint and comes back on resume."""
-    tiny = dataclasses.replace(tiny, device="cpu", grad_accum=3, rewire_interval=4)
-    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
-    train.run(straight)
-    interrupted = dataclasses.replace(tiny, out=str(tmp_path / "interrupted"))
-    train.run(interrupted, stop_after_epoch=1)
-    train.run(dataclasses.replace(interrupted, resume=True))
-    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "interrupted"))
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert a["batch"] == b["batch"] == 57 and a["schedulers"][0]["last_epoch"] == 3 * 7  # optimizer steps
-    clusters = torch.arange(120) % a["model_arguments"]["num_clusters"]
-    saving, restored = (train.set_up(tiny, "synthetic", data.synthetic(), clusters, torch.device("cpu")) for _ in "ab")
-    saving.scaler = torch.amp.GradScaler("cpu", init_scale=123.0)  # enabled, as fp16 on a GPU has it
-    restored.scaler = torch.amp.GradScaler("cpu", init_scale=2**12)
-    checkpoint.restore(restored, {**a, "scaler": checkpoint.checkpoint_state(saving, 0, tiny)["scaler"]})
-    assert restored.scaler.state_dict()["scale"] == 123.0
-
-
 def test_the_best_epoch_is_kept_and_logged_and_unevaluated_epochs_log_no_metrics(tiny, monkeypatch):
     scores = iter([30.0, 50.0, 40.0, 45.0])  # P@1 of the four evaluations; P@3 the same
 
@@ -216,7 +126,7 @@ def test_the_best_epoch_is_kept_and_logged_and_unevaluated_epochs_log_no_metrics
     assert [r.get("P@1") for r in log] == [30.0, 50.0, 40.0, 45.0]  # early stop: P@3 no better twice
     assert [r["best_epoch"] for r in log] == [1, 2, 2, 2] and log[-1]["best_P@1"] == 50.0
     best = torch.load(Path(tiny.out) / "checkpoint.best.pt", weights_only=True)
-    assert best["epoch"] == 1 and best["best"]["P@1"] == 50.0  # saved after epoch 2 (0-based 1)
+    assert best["epochs_done"] == 2 and best["best_evaluation"]["P@1"] == 50.0  # saved after epoch 2
     scores = iter([30.0, 50.0])
     monkeypatch.setattr(train.evaluate, "evaluate", evaluated)
     train.run(dataclasses.replace(tiny, epochs=4, eval_every=2, aux_weight=0.0, out=tiny.out + "-every2"))
@@ -281,7 +191,7 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     assert 0 <= results["P@1"] <= 100
     assert len(list(folder.glob("clusters_3_*.npy"))) == 1 and len(list(folder.glob("tokens_*.npy"))) == 2
     shutil.rmtree(encoder)
-    monkeypatch.setattr(token_ids, "encode", None)  # evaluation must not tokenise again
+    monkeypatch.setattr(caches, "encode", None)  # evaluation must not tokenise again
     network, xmc, batches, _ = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
     monkeypatch.undo()
@@ -303,45 +213,9 @@ def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp
     assert json.loads(printed.split("dry run: ")[-1]) == report
     fields = dict(line.split(" = ", 1) for line in printed.splitlines() if " = " in line)  # the resolved config
     assert fields == {f.name: repr(getattr(run, f.name)) for f in dataclasses.fields(run)}
-    monkeypatch.setattr(token_ids, "encode", None)  # a second start, with another --out, finds both caches
+    monkeypatch.setattr(caches, "encode", None)  # a second start, with another --out, finds both caches
     monkeypatch.setattr(data, "cluster_labels", None)
     assert train.run(dataclasses.replace(run, out=str(tmp_path / "other")))["clusters"] == report["clusters"]
-
-
-def test_step_records_come_at_the_asked_interval_and_a_resume_trims_them(tiny, tmp_path):
-    tiny = dataclasses.replace(tiny, device="cpu", log_every=4)
-    straight = dataclasses.replace(tiny, out=str(tmp_path / "straight"))
-    train.run(straight)
-    damaged = dataclasses.replace(tiny, out=str(tmp_path / "damaged"))
-    train.run(damaged, stop_after_epoch=2)
-    newest = Path(damaged.out) / "checkpoint.pt"
-    newest.write_bytes(newest.read_bytes()[:100_000])  # falls back to epoch 1: epoch 2's records must go
-    train.run(dataclasses.replace(damaged, resume=True))
-    logs = [[json.loads(line) for line in open(Path(run.out) / "log.jsonl")] for run in (straight, damaged)]
-    steps = [r for r in logs[0] if r.get("kind") == "step"]
-    assert [r["batch"] for r in steps] == list(range(4, logs[0][-1]["batch"] + 1, 4))
-    assert all(r["ms_per_batch"] > 0 and r["documents_per_s"] > 0 and len(r["lr"]) >= 2 for r in steps)
-
-    # a record's loss is the mean over its epoch's batches since the record before: against a run
-    # that records every batch (at an interval of 3 too, which epochs do not divide)
-    every = dataclasses.replace(tiny, log_every=1, out=str(tmp_path / "every"))
-    thirds = dataclasses.replace(tiny, log_every=3, out=str(tmp_path / "thirds"))
-    for run in (every, thirds):
-        train.run(run)
-    single, grouped = ([r for r in map(json.loads, open(Path(run.out) / "log.jsonl")) if r.get("kind")]
-                       for run in (every, thirds))
-    loss_at = {r["batch"]: r["loss"] for r in single}
-    epoch_start = {r["epoch"]: r["batch"] - 1 for r in single[::-1]}  # the batch before each epoch's first
-    assert any((r["batch"] - epoch_start[r["epoch"]]) % 3 for r in grouped)  # some window is cut by an epoch
-    previous = {}
-    for r in grouped:
-        start = max(previous.get(r["epoch"], 0), epoch_start[r["epoch"]])
-        expected = np.mean([loss_at[b] for b in range(start + 1, r["batch"] + 1)])
-        assert r["loss"] == pytest.approx(expected, rel=1e-9), r
-        previous[r["epoch"]] = r["batch"]
-    assert [r["epoch"] for r in logs[0] if "kind" not in r] == [1, 2, 3]  # the epoch records as before
-    same = lambda log: [(r.get("kind"), r["epoch"], r["batch"], r["loss"]) for r in log]
-    assert same(logs[0]) == same(logs[1])
 
 
 def run_main(monkeypatch, argv):
@@ -443,9 +317,10 @@ def test_with_a_validation_split_no_choice_reads_the_test_split(tmp_path):
 
     for kind, original in saved["original"].items():
         permuted = saved["permuted"][kind]
-        assert original["epoch"] == permuted["epoch"] and original["best"]["epoch"] == permuted["best"]["epoch"]
-        assert original["best"]["validation"] == permuted["best"]["validation"]
-        for part in ("model", "optimizers", "schedulers", "regrown", "best_p3", "stale"):
+        assert original["epochs_done"] == permuted["epochs_done"]
+        assert original["best_evaluation"]["epoch"] == permuted["best_evaluation"]["epoch"]
+        assert original["best_evaluation"]["validation"] == permuted["best_evaluation"]["validation"]
+        for part in ("network", "optimizers", "schedulers", "last_regrown", "best_p3", "evaluations_since_best_p3"):
             assert same(original[part], permuted[part]), (kind, part)
-        assert original["best"]["P@1"] != permuted["best"]["P@1"]  # the test split itself did change
-    assert saved["original"][""]["epoch"] + 1 < 12  # early stopping did act (on validation P@3)
+        assert original["best_evaluation"]["P@1"] != permuted["best_evaluation"]["P@1"]  # the test split did change
+    assert saved["original"][""]["epochs_done"] < 12  # early stopping did act (on validation P@3)

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import evaluate
-import token_ids
+import caches
 import xc_files
 from conftest import SPLITS, FixedScores, refuse_to_open, write, write_data_set
 from test_data import labels_of
@@ -213,9 +213,9 @@ def test_cut_texts_tokenise_exactly_as_whole_texts(tokenizer_dir, documents, max
     """encode cuts a text after max_length words: the ids and lengths must be those of the whole
     text, truncated, for any mix of known and unknown words, punctuation, accents, control
     characters, special-token strings and Unicode blanks (words that give no token included)."""
-    tokenizer = token_ids.load_tokenizer(tokenizer_dir)
+    tokenizer = caches.load_tokenizer(tokenizer_dir)
     texts = ["".join(piece + blank for piece, blank in document) for document in documents]
-    rows = token_ids.encode(texts, tokenizer, max_length, token_ids.token_dtype(tokenizer, max_length))
+    rows = caches.encode(texts, tokenizer, max_length, caches.token_dtype(tokenizer, max_length))
     whole = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="np")
     assert np.array_equal(rows["ids"], whole["input_ids"])
     assert np.array_equal(rows["length"], whole["attention_mask"].sum(1))

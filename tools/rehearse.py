@@ -7,9 +7,9 @@ document are round approximations of the raw texts' lengths, not counts) and mea
 times, and peak resident memory (getrusage). The texts carry no signal: this rehearses memory and
 time, not accuracy.
 
-    python rehearse.py amazon670k                  # the whole data set (about 1 GB of text)
-    python rehearse.py amazon3m --scale 0.1        # a tenth of its documents and labels
-    python rehearse.py amazon670k --documents 4000 # all 670,091 labels, 4,000 training documents
+    python tools/rehearse.py amazon670k                  # the whole data set (about 1 GB of text)
+    python tools/rehearse.py amazon3m --scale 0.1        # a tenth of its documents and labels
+    python tools/rehearse.py amazon670k --documents 4000 # all 670,091 labels, 4,000 training documents
 """
 import argparse
 import importlib.util
@@ -23,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-import data
-import xc_files
+PROJECT = Path(__file__).resolve().parent.parent  # train.py and the modules it reads
+sys.path.insert(0, str(PROJECT))
+import caches  # noqa: E402
+import data  # noqa: E402
+import xc_files  # noqa: E402
 
 SHAPES = {  # train documents, test documents, labels, labels per document, words per document
     "amazon670k": (490_449, 153_025, 670_091, 5.45, 150),
@@ -44,18 +47,19 @@ def zipf_sampler(size, rng, exponent=1.0):
     return lambda count: np.searchsorted(cdf, rng.random(count) * cdf[-1])
 
 
-def write_shaped_data_set(folder, shape, scale, tokenizer_vocabulary, documents=None, seed=0):
+def write_shaped_data_set(folder, shape, scale, tokenizer_words, documents=None, seed=0):
     """Raw-text files with a data set's shape (scaled): its document and label counts, 1 + Poisson
     labels per document, 0.5x-1.5x its words per document, Zipfian label and word frequencies,
     every label in at least one training document where there are label slots enough. `documents`:
     this many training documents instead (test documents in the data set's proportion). Words: the
-    tokenizer's whole words, then pairs of them for a long tail (300,000 in all)."""
+    tokenizer's whole words (`tokenizer_words`, in id order), then pairs of them for a long tail
+    (300,000 in all)."""
     num_train, num_test, num_labels, per_document, length = SHAPES[shape]
     if documents:
         num_train, num_test = documents / scale, documents * num_test / num_train / scale
     num_train, num_test, num_labels = (max(1, round(n * scale)) for n in (num_train, num_test, num_labels))
     rng = np.random.default_rng(seed)
-    head = [w for w in Path(tokenizer_vocabulary).read_text().split() if w.isalpha() and len(w) > 1]
+    head = [w for w in tokenizer_words if w.isalpha() and len(w) > 1]
     pairs = [head[i % len(head)] + head[i // len(head) % len(head)] for i in range(300_000 - len(head))]
     words = np.array(head + pairs, dtype=object)
     draw_word, draw_label = zipf_sampler(len(words), rng), zipf_sampler(num_labels, rng)
@@ -109,11 +113,13 @@ def main():
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="xmc-scale-"))
     folder = workdir / xc_files.FOLDERS[args.shape]
     started = time.time()
-    sizes = write_shaped_data_set(folder, args.shape, args.scale, Path(args.encoder) / "vocab.txt", args.documents)
+    vocabulary = caches.load_tokenizer(args.encoder).get_vocab()  # word: id
+    words = sorted(vocabulary, key=vocabulary.get)
+    sizes = write_shaped_data_set(folder, args.shape, args.scale, words, args.documents)
     disk = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
     print(f"{args.shape} x {args.scale}: {sizes[0]:,} train / {sizes[1]:,} test documents, {sizes[2]:,} labels, "
           f"{disk:.1f} GB of text, written in {time.time() - started:.0f} s to {folder}", flush=True)
-    command = [sys.executable, str(Path(__file__).parent / "train.py"), "--data", args.shape, "--data-dir",
+    command = [sys.executable, str(PROJECT / "train.py"), "--data", args.shape, "--data-dir",
                str(workdir), "--encoder", args.encoder, "--max-length", "128", "--dry-run",
                "--out", str(workdir / "run")]
     print("| start | load s | clusters s | token cache s | total s | peak resident GB | token cache MB |\n"

@@ -5,18 +5,20 @@ that train.py fits on with the same --seed and scores the ones train.py holds ou
 that reads no test split. napkinXC is not a dependency; install it for this only:
 
     pip install napkinxc
-    python baseline.py --data ../shared/data/enron
-    python baseline.py --data ../shared/data/enron --validation-fraction 0.1 --seed 0
+    python tools/baseline.py --data ../shared/data/enron
+    python tools/baseline.py --data ../shared/data/enron --validation-fraction 0.1 --seed 0
 """
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-import data
-import evaluate
-import xc_files
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, one folder up
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import xc_files  # noqa: E402
 
 
 def csr(split, num_features):
@@ -40,7 +42,7 @@ def main(argv=None):
     try:
         from napkinxc.models import PLT  # here, so that --help works without it
     except ImportError:
-        sys.exit("error: baseline.py needs napkinXC, which this project does not install: pip install napkinxc")
+        sys.exit("error: tools/baseline.py needs napkinXC, which the project does not install: pip install napkinxc")
     try:
         xmc = xc_files.load(args.data, format="bow")
         data.hold_out(xmc, args.validation_fraction, args.seed)
