@@ -19,10 +19,10 @@ against its dense float64 equivalent (check_step): a fast but wrong layer posts 
     python bench.py --labels 100000 --batch 128 --fan-in 32 --dtype float32
     python bench.py --step                         # whole training steps: forward, loss, backward, AdamW
     python bench.py --rewire                       # time one SET rewire (dst.rewire) of the whole layer
+    python bench.py --memory --data amazon670k     # a whole run's peak memory, phase by phase (memory.py)
     ncu --kernel-name regex:tiled python bench.py --profile --batch 128 --fan-in 32 --layers cuda
 
-Data at the paper's scale (load, clusters, token caches, resident memory) is tools/rehearse.py's.
-"""
+Data at the paper's scale (load, clusters, token caches, resident memory) is tools/rehearse.py's."""
 import argparse
 import contextlib
 import functools
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import dst
+import memory
 import model
 import sparse_layer
 from sparse_layer import FixedFanInLinear
@@ -61,6 +62,9 @@ def parse_args():
     p.add_argument("--layout", nargs="+", default=["contiguous", "transposed"], choices=["contiguous", "transposed"],
                    help="--step: the sparse layer's output, contiguous [B, L] or a transposed view")
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
+    p.add_argument("--memory", action="store_true", help="a whole run's memory by phase, of the presets --data")
+    p.add_argument("--data", nargs="+", default=["amazon670k"], help="--memory: paper presets (memory.py)")
+    p.add_argument("--label-fraction", type=float, default=1.0, help="--memory: count at this and half of it")
     p.add_argument("--bandwidth", type=float, help="GPU DRAM bandwidth in GB/s for the floor ratios "
                    "(default: measured, a device-to-device copy counting bytes read and written)")
     return p.parse_args()
@@ -402,6 +406,8 @@ def main():
         return bench_rewire(args, device)
     if args.step:
         return bench_step(args, device)
+    if args.memory:
+        return memory.print_table(args.data, device, args.label_fraction)
     if args.profile:
         args.repeats, args.inputs = 1, 1
     bandwidth = None  # floors only mean something on a GPU

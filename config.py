@@ -42,6 +42,8 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda
     precision: str = "bf16"  # GPU autocast (training, evaluation): bf16, fp16 (+ loss scaler), fp32; CPU: fp32
     compile: bool = False  # torch.compile the encoder
+    checkpoint_activations: bool = False  # a transformer's layers recompute their activations in backward
+    optimizer_loop: str = "auto"  # the optimizers' implementation: auto (torch's), foreach, for-loop or fused
     # model
     encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder
     dim: int = 256  # width of the bag-of-words encoder
@@ -103,7 +105,8 @@ class Config:
                    "intermediate_activation": tuple(model.ACTIVATIONS), "encoder_optimizer": ("adamw", "adam"),
                    "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
                    "rewire_fraction_schedule": ("constant", "cosine"), "no_decay": ("modules", "names"),
-                   "lr_schedule_length": ("steps", "batches")}
+                   "lr_schedule_length": ("steps", "batches"),
+                   "optimizer_loop": ("auto", "foreach", "for-loop", "fused")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
@@ -111,6 +114,8 @@ class Config:
         for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_activations and self.encoder == "bow":
+            raise ValueError("--checkpoint-activations needs a transformer --encoder (the bag-of-words one has none)")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be 0 (off) or a number of batches, got {self.log_every}")
         if self.wandb and importlib.util.find_spec("wandb") is None:
@@ -157,9 +162,12 @@ RELEASE = {
 # What all six share: fp16 with a gradient scaler, the linear intermediate layer, the meta head's
 # learning rate and the classifier's weight decay, the release's rewiring semantics (global
 # fraction constant over time, threshold decayed to 1e-4, no cap per row, optimizer state kept),
-# evaluation every epoch with early stopping after 25, seed 42.
-RELEASE_SHARED = dict(seed=42, precision="fp16", intermediate_activation="none", lr_meta=5e-4,
-                      weight_decay_classifier=1e-4, rewire_end=0.66, rewire_scope="global",
+# evaluation every epoch with early stopping after 25, seed 42. Not the release's but the same
+# training and metrics in less memory (memory.py): the encoder's activations recomputed in
+# backward, the optimizers a parameter at a time, evaluation batches of 128.
+RELEASE_SHARED = dict(seed=42, precision="fp16", checkpoint_activations=True, optimizer_loop="for-loop",
+                      eval_batch_size=128, intermediate_activation="none", lr_meta=5e-4, weight_decay_classifier=1e-4,
+                      rewire_end=0.66, rewire_scope="global",
                       rewire_fraction_schedule="constant", rewire_threshold_floor=1e-4, rewire_row_cap=0.0,
                       rewire_reset_state=False, eval_every=1, patience=25)
 PRESETS = {name: {**RELEASE_SHARED, **{f: values[i] for f, values in RELEASE.items() if values[i] is not None}}

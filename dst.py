@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 # The regrowth draws a [rows, D] random matrix this many elements at a time, by device type: 16 MB
-# on the CPU; 512 MB on a GPU, where every chunk costs launches and a host sync (nonzero).
-ROW_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+# on the CPU; 64 MB on a GPU, where every chunk costs launches and a host sync (`int(...max())`),
+# and where the chunk's sort and top-k temporaries (about 24 bytes an element) sit beside the model.
+ROW_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 SCOPES = ("global", "row")
 
 

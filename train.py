@@ -124,11 +124,15 @@ def make_optimizers(config, network):
         if module is not None:
             groups.append({"params": list(module.parameters()), "lr": lr})
     encoder_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.encoder_optimizer]
-    encoder_optimizer = encoder_class([g for g in groups if g["params"]], lr=config.lr_encoder)
+    # for-loop: a parameter at a time, the same bits as foreach (torch's choice on a GPU) without its
+    # temporaries as large as a whole parameter group; fused: one kernel, bits that differ slightly
+    loop = {"auto": {}, "foreach": dict(foreach=True), "for-loop": dict(foreach=False), "fused": dict(fused=True)}
+    loop = loop[config.optimizer_loop]
+    encoder_optimizer = encoder_class([g for g in groups if g["params"]], lr=config.lr_encoder, **loop)
     classifier, lr, decay = network.classifier.parameters(), config.lr_classifier, config.weight_decay_classifier
     if config.classifier_optimizer == "sgd":
-        return [encoder_optimizer, torch.optim.SGD(classifier, lr=lr, momentum=0.9, weight_decay=decay)]
-    return [encoder_optimizer, torch.optim.AdamW(classifier, lr=lr, weight_decay=decay)]
+        return [encoder_optimizer, torch.optim.SGD(classifier, lr=lr, momentum=0.9, weight_decay=decay, **loop)]
+    return [encoder_optimizer, torch.optim.AdamW(classifier, lr=lr, weight_decay=decay, **loop)]
 
 
 def set_up(config, source, xmc, clusters, device, rank=0, world=1):
@@ -141,6 +145,10 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
                      intermediate_activation=config.intermediate_activation, sparse=config.sparse,
                      fan_in=config.fan_in, backend=config.backend)
     network = model.build(**arguments).to(device)
+    if config.checkpoint_activations:  # the same gradients (dropout's random state is kept), one more forward pass
+        transformer = network.encoder.transformer  # transformers 5 renamed the call; 4 has the older name only
+        getattr(transformer, "activation_checkpointing_enable", transformer.gradient_checkpointing_enable)(
+            {"use_reentrant": False})
     if config.compile:
         network.encoder.compile()  # in place: the state dict keeps its names
     replica = network
@@ -201,6 +209,7 @@ def train_step(config, state, batch, device, window, last):
     aux_loss = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
                 else main_loss.new_zeros(()))
     loss = (1 - s) * main_loss + s * aux_loss
+    del scores, meta_scores  # the losses hold what backward needs: [L, B] less through backward and rewire
     losses = torch.stack([loss.detach(), main_loss.detach(), aux_loss.detach()])
     if state.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)

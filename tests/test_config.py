@@ -91,7 +91,8 @@ def preset_table():
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     shared = [f"`{name}={getattr(configs[0], name)}`" for name in RELEASE_SHARED
               if name not in PRESET_ROWS and len({getattr(c, name) for c in configs}) == 1]
-    return "\n".join(lines) + "\n\n" + textwrap.fill("Shared by all six: " + ", ".join(shared) + ".", 100)
+    return "\n".join(lines) + "\n\n" + textwrap.fill("Shared by all six: " + ", ".join(shared) + ".", 100,
+                                                      break_on_hyphens=False)
 
 
 def test_the_readme_shows_the_presets_as_they_are():

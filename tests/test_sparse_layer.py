@@ -227,13 +227,14 @@ def test_module_checks_indices_again_after_they_change():
 
 
 @settings(max_examples=40, deadline=None)
-@given(problems(max_size=20), st.integers(1, 25))
-def test_transposed_connectivity_lists_every_slot_by_chunk_and_feature(problem, chunk):
+@given(problems(max_size=20), st.integers(1, 25), st.sampled_from([1, 7, 1 << 22]))
+def test_transposed_connectivity_lists_every_slot_by_chunk_and_feature(problem, chunk, sort_slots):
     """Brute force: chunk c's slots that read feature d are exactly order[starts[c*D+d]:starts[c*D+d+1]],
-    in slot order."""
+    in slot order; whether the chunks are sorted one at a time, a few at a time or all at once."""
     indices = problem["indices"]
     (labels, fan_in), in_features = indices.shape, problem["x"].shape[1]
-    order, starts = sparse_layer.transpose_connectivity(indices, in_features, chunk)
+    with mock.patch.object(sparse_layer, "SORT_SLOTS", sort_slots):
+        order, starts = sparse_layer.transpose_connectivity(indices, in_features, chunk)
     assert order.dtype == starts.dtype == torch.int32
     chunks = -(-labels // chunk)
     assert starts.shape == (chunks * in_features + 1,) and int(starts[-1]) == labels * fan_in

@@ -1,0 +1,101 @@
+"""memory.py: the CPU count of what a GPU run allocates (against sizes computed by hand), the `cuda`
+backend's allocations with the torch backend's values (against the dense reference), a whole run's
+phases at a tiny size, and that recomputing the encoder's activations trains the very same weights."""
+import dataclasses
+
+import pytest
+import torch
+
+import memory
+import sparse_layer
+import train
+from config import Config
+from conftest import dense_reference, tiny_bert
+
+
+def test_the_counter_follows_each_storage_from_creation_to_release():
+    with memory.Counter() as counter:
+        a = torch.zeros(1000, 250)  # 1 MB
+        b = a * 2
+        view = b[:10].T  # no storage of its own
+        assert (counter.live, counter.peak) == (2_000_000, 2_000_000) and view.shape == (250, 10)
+        del b, view
+        assert (counter.live, counter.peak) == (1_000_000, 2_000_000)
+        with counter.pause():
+            c = torch.ones(500)  # not counted, then or ever
+        a.add_(c.sum())  # in place: nothing new
+        assert counter.live == 1_000_000
+    with memory.Counter(sort_scratch=True) as counter:
+        keys = torch.randint(0, 100, (1000,), dtype=torch.int32)
+        torch.sort(keys, stable=True)  # outputs 4 + 8 bytes a key, CUDA's scratch 8 + 4 + 8 more
+        assert counter.peak == 4000 + 12_000 + 20_000
+
+
+def test_the_emulated_cuda_backend_computes_the_layers_function():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 40, generator=generator, requires_grad=True)
+    layer = sparse_layer.FixedFanInLinear(40, 700, 6, generator=generator)
+    with memory.Counter() as counter, memory.as_on_a_gpu(counter):
+        y = layer(x)
+        grad_y = torch.randn(y.shape, generator=generator)
+        y.backward(grad_y)
+    expected = dense_reference(x.detach(), layer.weight.detach(), layer.indices, layer.bias.detach(), grad_y)
+    for actual, name in ((y, "y"), (x.grad, "grad_x"), (layer.weight.grad, "grad_weight"), (layer.bias.grad, "grad_bias")):
+        torch.testing.assert_close(actual.double(), expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_runs_phases_at_a_tiny_size(monkeypatch, tmp_path):
+    import transformers
+    monkeypatch.setattr(memory, "encoder_config", lambda name: transformers.BertConfig(
+        hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    monkeypatch.setitem(memory.LABELS, "wiki500k", 3000)  # fan-in 128 of the 128 inputs: rewires nothing
+    peaks = memory.report("wiki500k", torch.device("cpu"))
+    assert list(peaks) == ["held before training", "first step", "steady step", "rewire", "step with a rewire",
+                           "step after a rewire", "evaluation batch", "checkpoint save"]
+    assert 0 < peaks["held before training"] < peaks["first step"] and peaks["step with a rewire"] >= peaks["rewire"]
+
+
+def test_recomputing_the_encoders_activations_trains_the_same_weights(tmp_path, monkeypatch):
+    """--checkpoint-activations (the paper presets): a tiny BERT with dropout inside, three steps,
+    the very same bits on the CPU (the recomputation replays dropout's random state)."""
+    rows = [("RED", "red apple pie"), ("BLUE", "blue sky sea"), ("RED BLUE", "red sea fruit")] * 8
+    folder = tmp_path / "Tiny"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}_raw_texts.txt").write_text("".join(t + "\n" for _, t in rows))
+        (folder / f"{split}_labels.txt").write_text("".join(n + "\n" for n, _ in rows))
+    encoder = tiny_bert(tmp_path / "bert")
+    import transformers
+    bert = transformers.BertModel.from_pretrained(encoder)
+    bert.config.hidden_dropout_prob = bert.config.attention_probs_dropout_prob = 0.3  # dropout inside the layers
+    transformers.BertModel(bert.config).save_pretrained(encoder)
+    run = Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, epochs=1, batch_size=8,
+                 fan_in=4, intermediate=0, aux_weight=0.0, warmup_steps=1, device="cpu", dropout=0.0)
+    weights = []
+    for checkpointed in (False, True):
+        out = tmp_path / f"run-{checkpointed}"
+        train.run(dataclasses.replace(run, out=str(out), checkpoint_activations=checkpointed))
+        weights.append(torch.load(out / "checkpoint.pt", weights_only=True)["network"])
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    import xc_files  # and the option does reach the encoder
+    state = train.set_up(dataclasses.replace(run, checkpoint_activations=True), str(folder),
+                         xc_files.load(str(folder), "raw"), None, torch.device("cpu"))
+    transformer = state.network.encoder.transformer
+    assert getattr(transformer, "is_activation_checkpointing", transformer.is_gradient_checkpointing)
+    with pytest.raises(ValueError, match="needs a transformer"):
+        Config(checkpoint_activations=True)
+
+
+@pytest.mark.parametrize("loop", ["for-loop", "foreach"])
+def test_the_optimizers_a_parameter_at_a_time_train_the_same_bits(tiny, loop):
+    """--optimizer-loop for-loop (the paper presets: no temporaries the size of a parameter group)
+    against torch's own choice, the same AdamW math: the very same weights after three epochs."""
+    runs = [dataclasses.replace(tiny, device="cpu", out=f"{tiny.out}-{name}", optimizer_loop=name)
+            for name in ("auto", loop)]
+    weights = []
+    for run in runs:
+        train.run(run)
+        weights.append(torch.load(f"{run.out}/checkpoint.pt", weights_only=True)["network"])
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
