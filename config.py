@@ -44,6 +44,7 @@ class Config:
     compile: bool = False  # torch.compile the encoder
     checkpoint_activations: bool = False  # a transformer's layers recompute their activations in backward
     optimizer_loop: str = "auto"  # the optimizers' implementation: auto (torch's), foreach, for-loop or fused
+    keep_slots_by_input: bool = True  # keep the classifier's transposed connectivity between steps (else rebuilt each)
     # model
     encoder: str = "bow"  # bow, or a transformers model: a name such as bert-base-uncased, or a local folder
     dim: int = 256  # width of the bag-of-words encoder
@@ -164,9 +165,10 @@ RELEASE = {
 # fraction constant over time, threshold decayed to 1e-4, no cap per row, optimizer state kept),
 # evaluation every epoch with early stopping after 25, seed 42. Not the release's but the same
 # training and metrics in less memory (memory.py): the encoder's activations recomputed in
-# backward, the optimizers a parameter at a time, evaluation batches of 128.
+# backward, the optimizers a parameter at a time, the transposed connectivity rebuilt in every
+# backward pass, evaluation batches of 128.
 RELEASE_SHARED = dict(seed=42, precision="fp16", checkpoint_activations=True, optimizer_loop="for-loop",
-                      eval_batch_size=128, intermediate_activation="none", lr_meta=5e-4, weight_decay_classifier=1e-4,
+                      keep_slots_by_input=False, eval_batch_size=128, intermediate_activation="none", lr_meta=5e-4, weight_decay_classifier=1e-4,
                       rewire_end=0.66, rewire_scope="global",
                       rewire_fraction_schedule="constant", rewire_threshold_floor=1e-4, rewire_row_cap=0.0,
                       rewire_reset_state=False, eval_every=1, patience=25)

@@ -165,7 +165,7 @@ class _FixedFanIn(torch.autograd.Function):
     elementwise ops of a loss keep that layout, so the gradient arrives as [L, B] again and needs no
     transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `cache` keeps the transposed
     connectivity by ops: built in the backward pass only if grad-x is needed, and only once for as
-    long as a module keeps its cache."""
+    long as a module keeps its cache (None: built for that backward pass and freed at its end)."""
 
     @staticmethod
     def forward(ctx, x, weight, indices, bias, ops, cache, contiguous):
@@ -181,10 +181,11 @@ class _FixedFanIn(torch.autograd.Function):
         grad_yT = grad_y.t().contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if ctx.ops not in ctx.cache:  # the slots by input feature, for these indices (None: not read)
+            cache = {} if ctx.cache is None else ctx.cache  # none: built for this pass, then freed
+            if ctx.ops not in cache:  # the slots by input feature, for these indices (None: not read)
                 chunk = ctx.ops.labels_per_chunk(xT.device)
-                ctx.cache[ctx.ops] = None if chunk is None else transpose_connectivity(indices, xT.shape[0], chunk)
-            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], ctx.cache[ctx.ops]).t()
+                cache[ctx.ops] = None if chunk is None else transpose_connectivity(indices, xT.shape[0], chunk)
+            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], cache[ctx.ops]).t()
         if ctx.needs_input_grad[1]:
             grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
         if ctx.needs_input_grad[3]:
@@ -245,7 +246,7 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
     y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
-                          {} if cache is None else cache, contiguous)
+                          cache, contiguous)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -291,6 +292,7 @@ class FixedFanInLinear(nn.Module):
         self.reset_parameters(generator)
         self._checked_indices = None  # (address, version) of the indices last found in range
         self._transposed = {}  # the transposed connectivity of those indices, by backend ops (cache)
+        self.keep_slots_by_input = True  # False: that copy built in every backward pass, L*k*4 bytes less between
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):
@@ -307,10 +309,11 @@ class FixedFanInLinear(nn.Module):
         # cost more than the forward kernel itself, and the copy takes a sort to build.
         version = (self.indices.data_ptr(), self.indices._version)
         changed = version != self._checked_indices
-        if changed:
+        if changed or not self.keep_slots_by_input:
             self._transposed = {}
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
-                               check_indices=changed, cache=self._transposed, contiguous=self.contiguous_output)
+                               check_indices=changed, cache=self._transposed if self.keep_slots_by_input else None,
+                               contiguous=self.contiguous_output)
         self._checked_indices = version
         return y
 

@@ -149,6 +149,8 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
         transformer = network.encoder.transformer  # transformers 5 renamed the call; 4 has the older name only
         getattr(transformer, "activation_checkpointing_enable", transformer.gradient_checkpointing_enable)(
             {"use_reentrant": False})
+    if config.sparse:
+        network.classifier.keep_slots_by_input = config.keep_slots_by_input
     if config.compile:
         network.encoder.compile()  # in place: the state dict keeps its names
     replica = network

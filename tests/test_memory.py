@@ -31,6 +31,15 @@ def test_the_counter_follows_each_storage_from_creation_to_release():
         assert counter.peak == 4000 + 12_000 + 20_000
 
 
+def test_a_layer_that_keeps_no_transposed_connectivity_builds_it_in_every_backward_pass():
+    layer, x = sparse_layer.FixedFanInLinear(40, 70, 6), torch.randn(5, 40, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(layer._transposed) == 1  # kept: the next backward pass reads it
+    layer.keep_slots_by_input = False
+    layer(x).sum().backward()
+    assert layer._transposed == {}
+
+
 def test_the_emulated_cuda_backend_computes_the_layers_function():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(9, 40, generator=generator, requires_grad=True)
@@ -87,12 +96,14 @@ def test_recomputing_the_encoders_activations_trains_the_same_weights(tmp_path, 
         Config(checkpoint_activations=True)
 
 
-@pytest.mark.parametrize("loop", ["for-loop", "foreach"])
-def test_the_optimizers_a_parameter_at_a_time_train_the_same_bits(tiny, loop):
-    """--optimizer-loop for-loop (the paper presets: no temporaries the size of a parameter group)
-    against torch's own choice, the same AdamW math: the very same weights after three epochs."""
-    runs = [dataclasses.replace(tiny, device="cpu", out=f"{tiny.out}-{name}", optimizer_loop=name)
-            for name in ("auto", loop)]
+@pytest.mark.parametrize("change", [dict(optimizer_loop="for-loop"), dict(optimizer_loop="foreach"),
+                                    dict(keep_slots_by_input=False)], ids=["for-loop", "foreach", "rebuilt"])
+def test_the_paper_presets_memory_options_train_the_same_bits(tiny, change):
+    """--optimizer-loop for-loop (no temporaries the size of a parameter group) against torch's own
+    choice, the same AdamW math; --no-keep-slots-by-input, the transposed connectivity rebuilt in
+    every backward pass, the same order: the very same weights after three epochs."""
+    runs = [dataclasses.replace(tiny, device="cpu", out=f"{tiny.out}-{name}", **options)
+            for name, options in (("default", {}), ("changed", change))]
     weights = []
     for run in runs:
         train.run(run)
