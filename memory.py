@@ -18,7 +18,7 @@ GPU scratch it cannot see, torch.sort (the rebuild of the slots by input feature
 documented buffers added. Not seen either way: the CUDA context and cuBLAS workspaces, and memory
 the allocator caches (outside max_memory_allocated too).
 
-    python bench.py --memory --data amazon670k                          # the full shape (CPU: 10 GB)
+    python bench.py --memory --data amazon670k                          # the full shape
     python bench.py --memory --data amazon3m --label-fraction 0.25      # counted at L/4 and L/8, extrapolated
 """
 import contextlib
@@ -154,10 +154,10 @@ def batch_of(config, vocabulary, labels, size, generator):
     return data.Batch(rows, torch.randint(0, labels, (5 * size,), generator=generator), size, tokens=tokens)
 
 
-# The sizes of chunked temporaries, by device type: a count on the CPU takes the GPU's (scaled with
-# the labels when counting at a fraction of them, so that those temporaries scale too).
-CHUNKED = ((dst.ROW_CHUNK_ELEMENTS, "rows of a rewire"), (model.LOSS_CHUNK_ELEMENTS, "labels of the loss"),
-           (sparse_layer.CHUNK_ELEMENTS, "labels of an index draw"))
+# The sizes of chunked temporaries by device type (a rewire's rows, the loss's labels, an index
+# draw's rows): a count on the CPU takes the GPU's, scaled with the labels when counting at a
+# fraction of them, so that those temporaries scale too.
+CHUNKED = (dst.ROW_CHUNK_ELEMENTS, model.LOSS_CHUNK_ELEMENTS, sparse_layer.CHUNK_ELEMENTS)
 
 
 def phases(preset, labels, device, folder, fraction=1.0):
@@ -231,7 +231,7 @@ def as_on_a_gpu(counter, fraction=1.0):
     emulated = emulated_cuda_ops(counter)
     with contextlib.ExitStack() as patches:
         patches.enter_context(_patched(sparse_layer, "_resolve_backend", lambda backend, x: emulated))
-        for sizes, _ in CHUNKED:
+        for sizes in CHUNKED:
             patches.enter_context(_patched_item(sizes, "cpu", max(1, round(sizes["cuda"] * fraction))))
         yield
 
