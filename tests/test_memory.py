@@ -53,15 +53,20 @@ def test_the_emulated_cuda_backend_computes_the_layers_function():
         torch.testing.assert_close(actual.double(), expected[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_a_runs_phases_at_a_tiny_size(monkeypatch, tmp_path):
+def test_a_runs_phases_at_a_tiny_size_and_their_extrapolation_from_fewer_labels(monkeypatch, tmp_path):
+    """wiki500k's recipe at 6,000 labels with a one-layer encoder; counted at half and a quarter of
+    the labels and extrapolated, the same figures."""
     import transformers
     monkeypatch.setattr(memory, "encoder_config", lambda name: transformers.BertConfig(
-        hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    monkeypatch.setitem(memory.LABELS, "wiki500k", 3000)  # fan-in 128 of the 128 inputs: rewires nothing
+        hidden_size=256, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    monkeypatch.setitem(memory.LABELS, "wiki500k", 6000)
     peaks = memory.report("wiki500k", torch.device("cpu"))
     assert list(peaks) == ["held before training", "first step", "steady step", "rewire", "step with a rewire",
                            "step after a rewire", "evaluation batch", "checkpoint save"]
     assert 0 < peaks["held before training"] < peaks["first step"] and peaks["step with a rewire"] >= peaks["rewire"]
+    extrapolated = memory.report("wiki500k", torch.device("cpu"), label_fraction=0.5)
+    for phase, peak in peaks.items():
+        assert extrapolated[phase] == pytest.approx(peak, rel=0.01), phase
 
 
 def test_recomputing_the_encoders_activations_trains_the_same_weights(tmp_path, monkeypatch):
