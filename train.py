@@ -126,8 +126,8 @@ def make_optimizers(config, network):
     encoder_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.encoder_optimizer]
     # for-loop: a parameter at a time, the same bits as foreach (torch's choice on a GPU) without its
     # temporaries as large as a whole parameter group; fused: one kernel, bits that differ slightly
-    loop = {"auto": {}, "foreach": dict(foreach=True), "for-loop": dict(foreach=False), "fused": dict(fused=True)}
-    loop = loop[config.optimizer_loop]
+    loop = {"auto": {}, "foreach": dict(foreach=True), "for-loop": dict(foreach=False),
+            "fused": dict(fused=True)}[config.optimizer_loop]
     encoder_optimizer = encoder_class([g for g in groups if g["params"]], lr=config.lr_encoder, **loop)
     classifier, lr, decay = network.classifier.parameters(), config.lr_classifier, config.weight_decay_classifier
     if config.classifier_optimizer == "sgd":
