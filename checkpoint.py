@@ -152,11 +152,11 @@ NOT_RESUMED = {
 
 def checkpoint_state(state, epochs_done, config):
     """The checkpoint of a train.TrainingState after `epochs_done` epochs (keys: the module docstring)."""
-    saved = {name: getattr(state, name) for name in RESUMED}
-    for name in ("network", "scaler"):
-        saved[name] = saved[name].state_dict()
-    for name in ("optimizers", "schedulers"):
-        saved[name] = [each.state_dict() for each in saved[name]]
+    def saved_form(value):  # what has a state dict (network, optimizers, ...) is saved as its state dict
+        if isinstance(value, list):
+            return [saved_form(each) for each in value]
+        return value.state_dict() if hasattr(value, "state_dict") else value
+    saved = {name: saved_form(getattr(state, name)) for name in RESUMED}
     return {**saved, "epochs_done": epochs_done, "config": dataclasses.asdict(config), **state.rebuild}
 
 
@@ -190,10 +190,10 @@ def restore(state, saved):
     """The inverse of checkpoint_state; returns the epochs done."""
     for name in RESUMED:
         current = getattr(state, name)
-        if name in ("optimizers", "schedulers"):
+        if isinstance(current, list):  # the optimizers, their schedulers
             for each, entry in zip(current, saved[name]):
                 each.load_state_dict(entry)
-        elif name in ("network", "scaler"):
+        elif hasattr(current, "load_state_dict"):  # the network, the scaler
             current.load_state_dict(saved[name])
         else:
             setattr(state, name, saved[name])

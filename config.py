@@ -168,8 +168,8 @@ RELEASE = {
 # backward, the optimizers a parameter at a time, the transposed connectivity rebuilt in every
 # backward pass, evaluation batches of 128.
 RELEASE_SHARED = dict(seed=42, precision="fp16", checkpoint_activations=True, optimizer_loop="for-loop",
-                      keep_slots_by_input=False, eval_batch_size=128, intermediate_activation="none", lr_meta=5e-4, weight_decay_classifier=1e-4,
-                      rewire_end=0.66, rewire_scope="global",
+                      keep_slots_by_input=False, eval_batch_size=128, intermediate_activation="none", lr_meta=5e-4,
+                      weight_decay_classifier=1e-4, rewire_end=0.66, rewire_scope="global",
                       rewire_fraction_schedule="constant", rewire_threshold_floor=1e-4, rewire_row_cap=0.0,
                       rewire_reset_state=False, eval_every=1, patience=25)
 PRESETS = {name: {**RELEASE_SHARED, **{f: values[i] for f, values in RELEASE.items() if values[i] is not None}}

@@ -27,6 +27,7 @@ import math
 import tempfile
 import weakref
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -167,17 +168,24 @@ def phases(preset, labels, device, folder, fraction=1.0):
     import transformers
     transformers.AutoModel.from_config(model_config).save_pretrained(folder / "encoder")
     config = dataclasses.replace(config, encoder=str(folder / "encoder"), device=device.type)
-    counter = Counter(sort_scratch=True) if device.type == "cpu" else contextlib.nullcontext()
+    if device.type == "cuda":  # the allocator's own statistics
+        counter, live, peak = contextlib.nullcontext(), torch.cuda.memory_allocated, torch.cuda.max_memory_allocated
+
+        def reset():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+    else:
+        counter = Counter(sort_scratch=True)
+        live, peak = (lambda: counter.live), (lambda: counter.peak)
+
+        def reset():
+            counter.peak = counter.live
     peaks = {}
 
     def phase(name, work):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            counter.peak = counter.live
+        reset()
         result = work()
-        peaks[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.peak
+        peaks[name] = peak()
         return result
 
     generator = torch.Generator().manual_seed(0)
@@ -197,7 +205,7 @@ def phases(preset, labels, device, folder, fraction=1.0):
                 group["foreach"] = group["foreach"] is not False and not group.get("fused")  # CUDA's auto: foreach
             for tensor in [*state.network.parameters(), *state.network.buffers()]:
                 counter.track(tensor)  # loaded from disk: maybe not through an aten op
-        peaks["held before training"] = counter.live if device.type == "cpu" else torch.cuda.memory_allocated()
+        peaks["held before training"] = live()
 
         def step():  # one optimizer step: grad_accum batches
             for number, batch in enumerate(batches[:config.grad_accum], start=1):
@@ -210,10 +218,10 @@ def phases(preset, labels, device, folder, fraction=1.0):
         state.rewire_schedule.last_batch = 1 << 40  # by the schedule's first amount, as early in a run
 
         def measured_rewire(*args, **kwargs):  # the step up to the rewire, then the rewire alone
-            before_rewire.append(torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.peak)
+            before_rewire.append(peak())
             return phase("rewire", lambda: rewire(*args, **kwargs))
 
-        patches.enter_context(_patched(dst, "rewire", measured_rewire))
+        patches.enter_context(mock.patch.object(dst, "rewire", measured_rewire))
         phase("step with a rewire", step)
         peaks["step with a rewire"] = max(before_rewire + [peaks["rewire"]])
         phase("step after a rewire", step)
@@ -230,9 +238,9 @@ def as_on_a_gpu(counter, fraction=1.0):
     GPU's chunk sizes (CHUNKED, scaled by `fraction`)."""
     emulated = emulated_cuda_ops(counter)
     with contextlib.ExitStack() as patches:
-        patches.enter_context(_patched(sparse_layer, "_resolve_backend", lambda backend, x: emulated))
+        patches.enter_context(mock.patch.object(sparse_layer, "_resolve_backend", lambda backend, x: emulated))
         for sizes in CHUNKED:
-            patches.enter_context(_patched_item(sizes, "cpu", max(1, round(sizes["cuda"] * fraction))))
+            patches.enter_context(mock.patch.dict(sizes, cpu=max(1, round(sizes["cuda"] * fraction))))
         yield
 
 
@@ -255,26 +263,6 @@ def classifier_step_peak(labels, fan_in, batch=128, features=768):
     return counter.peak - x.numel() * x.element_size()
 
 
-@contextlib.contextmanager
-def _patched_item(mapping, key, value):
-    original = mapping[key]
-    mapping[key] = value
-    try:
-        yield
-    finally:
-        mapping[key] = original
-
-
-@contextlib.contextmanager
-def _patched(owner, name, value):
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def report(preset, device, label_fraction=1.0):
     """The phases of `preset` in GiB: at its L, or counted at label_fraction * L and half of it and
     extrapolated linearly in L (every label-proportional tensor is linear in L)."""
@@ -294,6 +282,11 @@ def print_table(presets, device, label_fraction=1.0):
     how = "max_memory_allocated" if device.type == "cuda" else "counted on the CPU (memory.py)"
     scale = "" if label_fraction >= 1 else f", at {label_fraction:g} and half of L, extrapolated"
     print(f"peak GiB by phase, {how}{scale}")
+    if device.type == "cpu":  # the count against what an H200 measured (README: bench.py --step, L = 670,091)
+        for fan_in, measured in ((32, 1400), (128, 2627)):
+            counted = classifier_step_peak(670_091, fan_in) / 2**20
+            print(f"check: bench.py --step's classifier step, k = {fan_in}: counted {counted:.0f} MiB, "
+                  f"{measured} measured on an H200 ({100 * (counted / measured - 1):+.1f}%)", flush=True)
     columns = {preset: report(preset, device, label_fraction) for preset in presets}
     print("| phase | " + " | ".join(f"`{preset}`" for preset in columns) + " |\n|---" + "|---" * len(columns) + "|")
     for name in next(iter(columns.values())):

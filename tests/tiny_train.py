@@ -44,6 +44,10 @@ if "SLOW_FIRST_START" in os.environ:
     timeout = datetime.timedelta(seconds=float(os.environ["SLOW_FIRST_START"]))
     join, prepare = torch.distributed.init_process_group, xc_files.prepare
     torch.distributed.init_process_group = lambda *args, **kwargs: join(*args, timeout=timeout, **kwargs)
-    xc_files.prepare = lambda *args, **kwargs: (time.sleep(2 * timeout.total_seconds()) if os.environ["RANK"] == "0"
-                                                else None, prepare(*args, **kwargs))[1]
+
+    def slow_prepare(*args, **kwargs):
+        if os.environ["RANK"] == "0":
+            time.sleep(2 * timeout.total_seconds())
+        return prepare(*args, **kwargs)
+    xc_files.prepare = slow_prepare
 train.run(parse_config())
