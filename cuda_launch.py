@@ -174,10 +174,11 @@ class CudaOps:
         return yT
 
     @classmethod
-    def grad_input(cls, grad_yT, weight, indices, in_features, by_input):
+    def grad_input(cls, grad_yT, weight, indices, in_features, by_input, into=None):
+        """grad_xT [D, B]; or, given `into` (float32 [D, B]), added into it and it returned."""
         (labels, fan_in), batch = weight.shape, grad_yT.shape[1]
         if in_features * batch == 0 or weight.numel() == 0:
-            return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device)
+            return torch.zeros(in_features, batch, dtype=grad_yT.dtype, device=grad_yT.device) if into is None else into
         gather = by_input and cls.gather_launch(grad_yT.device, grad_yT.element_size(), labels, batch, in_features)
         if gather:  # each group of chunks sums into its own slice; the slices are added in a fixed order
             blocks, threads, shared, per_warp, groups = gather
@@ -185,12 +186,12 @@ class CudaOps:
             cls.launch("fixed_fanin_grad_input_gather", grad_yT.dtype, blocks, threads, shared,
                        grad_yT, weight, indices, by_input.order, by_input.starts, partial,
                        labels, fan_in, batch, in_features, per_warp, groups)
-            return partial.sum(0).to(grad_yT.dtype)
+            return partial.sum(0).to(grad_yT.dtype) if into is None else into.add_(partial.sum(0))
         # float32 buffer: the simple kernel scatters with float atomics
-        grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device)
+        grad_xT = torch.zeros(in_features, batch, dtype=torch.float32, device=grad_yT.device) if into is None else into
         cls.launch("fixed_fanin_grad_input", grad_yT.dtype, *launch_config(labels * batch), 0,
                    grad_yT, weight, indices, grad_xT, labels, fan_in, batch)
-        return grad_xT.to(grad_yT.dtype)
+        return grad_xT.to(grad_yT.dtype) if into is None else into
 
     @classmethod
     def grad_weight(cls, grad_yT, xT, indices):

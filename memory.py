@@ -15,8 +15,11 @@ autocast in 16 bit (bfloat16 standing in for fp16: the same bytes). The classifi
 the `cuda` backend's own code with its kernels' work done by the torch backend uncounted
 (`emulated_cuda_ops`), so the count holds what CUDA would allocate; the one library call whose
 GPU scratch it cannot see, torch.sort (the rebuild of the slots by input feature), gets cub's
-documented buffers added. Not seen either way: the CUDA context and cuBLAS workspaces, and memory
-the allocator caches (outside max_memory_allocated too).
+documented buffers added. Two ops that a GPU computes another way are counted as it computes them
+(their CPU values kept): attention as a fused kernel, which never builds the CPU math path's
+[B, H, T, T] matrices (`fused_attention`), and dropout with a one-byte mask (`fused_dropout`).
+Not seen either way: the CUDA context and cuBLAS workspaces, the fused attention kernels' own
+scratch, and memory the allocator caches (outside max_memory_allocated too).
 
     python bench.py --memory --data amazon670k                          # the full shape
     python bench.py --memory --data amazon3m --label-fraction 0.25      # counted at L/4 and L/8, extrapolated
@@ -120,10 +123,12 @@ def emulated_cuda_ops(counter):
                 return yT.copy_(torch_ops.forward(xT, weight, indices, bias))
 
         @classmethod
-        def grad_input(cls, grad_yT, weight, indices, in_features, by_input):
-            grad_xT = super().grad_input(grad_yT, weight, indices, in_features, by_input)
+        def grad_input(cls, grad_yT, weight, indices, in_features, by_input, into=None):
+            with counter.pause():  # `into` as it was, to add the torch backend's values to
+                before = None if into is None else into.clone()
+            grad_xT = super().grad_input(grad_yT, weight, indices, in_features, by_input, into)
             with counter.pause():
-                return grad_xT.copy_(torch_ops.grad_input(grad_yT, weight, indices, in_features, by_input))
+                return grad_xT.copy_(torch_ops.grad_input(grad_yT, weight, indices, in_features, by_input, before))
 
         @classmethod
         def grad_weight(cls, grad_yT, xT, indices):
@@ -132,6 +137,47 @@ def emulated_cuda_ops(counter):
                 return grad_weight.copy_(torch_ops.grad_weight(grad_yT, xT, indices))
 
     return EmulatedCudaOps
+
+
+def fused_attention(counter):
+    """scaled_dot_product_attention as a GPU computes it, counted: a GPU runs a fused kernel (flash
+    or memory-efficient attention in 16 bit) that keeps its inputs, output and an fp32 log-sum-exp
+    [B, H, T] for the backward pass, and there makes the three input gradients and an fp32
+    accumulator the size of the query. The CPU's math path, run here uncounted for the values,
+    would build [B, H, T, T] scores and probabilities instead; the backward pass recomputes it
+    under the forward pass's random state (attention dropout)."""
+    math_path = torch.nn.functional.scaled_dot_product_attention
+
+    class FusedAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value, options):
+            ctx.options, ctx.random_state = options, torch.get_rng_state()
+            with counter.pause():
+                output = math_path(query, key, value, **options)
+            counter.track(output)
+            ctx.save_for_backward(query, key, value, output, query.new_empty(query.shape[:-1], dtype=torch.float32))
+            return output
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            query, key, value, *_ = ctx.saved_tensors  # (read once: checkpointing recomputes them)
+            accumulator = torch.empty_like(query, dtype=torch.float32)  # counted while the gradients are made
+            with counter.pause(), torch.random.fork_rng(devices=[]), torch.enable_grad():
+                torch.set_rng_state(ctx.random_state)
+                inputs = [t.detach().requires_grad_() for t in (query, key, value)]
+                grads = torch.autograd.grad(math_path(*inputs, **ctx.options), inputs, grad_output)
+            for grad in grads:
+                counter.track(grad)
+            del accumulator
+            return (*grads, None)
+
+    return lambda query, key, value, **options: FusedAttention.apply(query, key, value, options)
+
+
+def fused_dropout(input, p=0.5, training=True, inplace=False):
+    """F.dropout as a GPU computes it: its fused kernel keeps a one-byte mask for the backward pass,
+    where the CPU's keeps a noise tensor in the input's dtype."""
+    return torch.native_dropout(input, p, training)[0] if training and 0 < p < 1 else input
 
 
 def generated(config, labels, documents, seed=0):
@@ -234,11 +280,14 @@ def phases(preset, labels, device, folder, fraction=1.0):
 
 @contextlib.contextmanager
 def as_on_a_gpu(counter, fraction=1.0):
-    """On the CPU, the allocations a GPU run makes: the `cuda` backend's (emulated_cuda_ops) and the
-    GPU's chunk sizes (CHUNKED, scaled by `fraction`)."""
+    """On the CPU, the allocations a GPU run makes: the `cuda` backend's (emulated_cuda_ops), the
+    fused attention and dropout, and the GPU's chunk sizes (CHUNKED, scaled by `fraction`)."""
     emulated = emulated_cuda_ops(counter)
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(sparse_layer, "_resolve_backend", lambda backend, x: emulated))
+        patches.enter_context(mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
+                                                fused_attention(counter)))
+        patches.enter_context(mock.patch.object(torch.nn.functional, "dropout", fused_dropout))
         for sizes in CHUNKED:
             patches.enter_context(mock.patch.dict(sizes, cpu=max(1, round(sizes["cuda"] * fraction))))
         yield

@@ -20,8 +20,9 @@ feature, so that gathering the features of a label reads whole rows):
 
 The input gradient reads the connectivity the other way round (for every input feature, the
 (label, slot) pairs that read it). transpose_connectivity builds that transposed copy with one
-stable sort; FixedFanInLinear keeps it until its indices change (a rewire, a load), and it is
-never saved in a checkpoint.
+stable sort; FixedFanInLinear keeps it until its indices change (a rewire, a load), or with
+keep_slots_by_input=False builds it a run of labels at a time in every backward pass; it is never
+saved in a checkpoint.
 """
 import math
 import warnings
@@ -40,6 +41,8 @@ CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 # stay in cache while every feature's bag reads them (at L = 100k, k = 32, B = 128 on 2 cores:
 # 22 ms in chunks of 2,048 labels, 42 ms in chunks of 8,192, 69 ms in one); a GPU takes all at once.
 GATHER_LABELS = {"cpu": 2048, "cuda": 1 << 31}
+# Slots of grad-w computed at once when it is added into an existing gradient (`grad_into`).
+ACCUMULATE_ELEMENTS = 1 << 24
 BACKENDS = ("auto", "torch", "cuda", "cuda-simple")
 
 
@@ -105,20 +108,21 @@ class TorchOps:
         return GATHER_LABELS.get(device.type, GATHER_LABELS["cpu"])
 
     @staticmethod
-    def grad_input(grad_yT, weight, indices, in_features, by_input):
+    def grad_input(grad_yT, weight, indices, in_features, by_input, into=None):
         # A gather, like the forward pass: bag d of chunk c sums the rows grad_yT[l] of the slots
-        # (l, j) of that chunk that read feature d, each scaled by weight[l, j].
+        # (l, j) of that chunk that read feature d, each scaled by weight[l, j]. `into`: a float32
+        # [D, B] the chunks are added into, in order (and returned), for labels taken a run at a time.
         acc = torch.promote_types(grad_yT.dtype, torch.float32)
         grad_yT_acc = grad_yT.to(acc)
         order, starts = by_input
         labels = order // indices.shape[1]
         weights = weight.reshape(-1).to(acc)[order]
-        grad_xT = torch.zeros(in_features, grad_yT.shape[1], dtype=acc, device=grad_yT.device)
+        grad_xT = torch.zeros(in_features, grad_yT.shape[1], dtype=acc, device=grad_yT.device) if into is None else into
         bounds = starts[::in_features].tolist()  # where each chunk's slots begin and end
         for c, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             offsets = starts[c * in_features:(c + 1) * in_features] - lo
             grad_xT += F.embedding_bag(labels[lo:hi], grad_yT_acc, offsets, per_sample_weights=weights[lo:hi], mode="sum")
-        return grad_xT.to(grad_yT.dtype)
+        return grad_xT.to(grad_yT.dtype) if into is None else into
 
     @staticmethod
     def grad_weight(grad_yT, xT, indices):
@@ -165,13 +169,16 @@ class _FixedFanIn(torch.autograd.Function):
     elementwise ops of a loss keep that layout, so the gradient arrives as [L, B] again and needs no
     transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `cache` keeps the transposed
     connectivity by ops: built in the backward pass only if grad-x is needed, and only once for as
-    long as a module keeps its cache (None: built for that backward pass and freed at its end)."""
+    long as a module keeps its cache (None: built for that backward pass and freed at its end).
+    `grad_into`: a parameter whose existing .grad grad-w is added into in place, a block of labels
+    at a time, instead of being returned (autograd would hold it beside that .grad to add it: a
+    second [L, k] when gradients accumulate over batches); the sums are the same bits."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices, bias, ops, cache, contiguous):
+    def forward(ctx, x, weight, indices, bias, ops, cache, contiguous, grad_into):
         xT = x.t().contiguous()
         ctx.save_for_backward(xT, weight, indices)
-        ctx.ops, ctx.cache = ops, cache
+        ctx.ops, ctx.cache, ctx.grad_into = ops, cache, grad_into
         y = ops.forward(xT, weight, indices, bias).t()
         return y.contiguous() if contiguous else y
 
@@ -181,16 +188,39 @@ class _FixedFanIn(torch.autograd.Function):
         grad_yT = grad_y.t().contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            cache = {} if ctx.cache is None else ctx.cache  # none: built for this pass, then freed
-            if ctx.ops not in cache:  # the slots by input feature, for these indices (None: not read)
-                chunk = ctx.ops.labels_per_chunk(xT.device)
-                cache[ctx.ops] = None if chunk is None else transpose_connectivity(indices, xT.shape[0], chunk)
-            grad_x = ctx.ops.grad_input(grad_yT, weight, indices, xT.shape[0], cache[ctx.ops]).t()
-        if ctx.needs_input_grad[1]:
+            grad_x = _grad_input(ctx.ops, ctx.cache, grad_yT, weight, indices, xT.shape[0]).t()
+        if ctx.needs_input_grad[1] and ctx.grad_into is not None and ctx.grad_into.grad is not None:
+            accumulated = ctx.grad_into.grad  # a block of labels at a time: no second [L, k] beside it
+            step = max(1, ACCUMULATE_ELEMENTS // max(1, indices.shape[1]))
+            for start in range(0, len(indices), step):
+                rows = slice(start, start + step)
+                accumulated[rows] += ctx.ops.grad_weight(grad_yT[rows], xT, indices[rows]).to(accumulated.dtype)
+        elif ctx.needs_input_grad[1]:
             grad_weight = ctx.ops.grad_weight(grad_yT, xT, indices)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_yT.sum(1, dtype=torch.promote_types(grad_yT.dtype, torch.float32)).to(grad_yT.dtype)
-        return grad_x, grad_weight, None, grad_bias, None, None, None
+        return grad_x, grad_weight, None, grad_bias, None, None, None, None
+
+
+def _grad_input(ops, cache, grad_yT, weight, indices, in_features):
+    """grad-x by `ops`. A kept transposed connectivity (`cache`) is built once and read whole;
+    without one, it is built for a run of whole label chunks (SORT_SLOTS slots) at a time and freed
+    after it, so that no [L*k] copy sits beside the gradients. The torch backend sums the chunks in
+    the same order either way (the same bits); the gather kernel groups them by run, so a GPU's sums
+    may round differently."""
+    chunk = ops.labels_per_chunk(grad_yT.device)  # (None: these ops read no transposed copy)
+    if cache is not None or chunk is None:
+        if cache is not None and ops not in cache:
+            cache[ops] = None if chunk is None else transpose_connectivity(indices, in_features, chunk)
+        return ops.grad_input(grad_yT, weight, indices, in_features, None if cache is None else cache[ops])
+    into = torch.zeros(in_features, grad_yT.shape[1], device=grad_yT.device,
+                       dtype=torch.promote_types(grad_yT.dtype, torch.float32))
+    run = chunk * max(1, SORT_SLOTS // (chunk * max(1, indices.shape[1])))
+    for start in range(0, len(indices), run):
+        rows = slice(start, start + run)
+        by_input = transpose_connectivity(indices[rows], in_features, chunk)
+        ops.grad_input(grad_yT[rows], weight[rows], indices[rows], in_features, by_input, into)
+    return into.to(grad_yT.dtype)
 
 
 def _resolve_backend(backend, x):
@@ -210,7 +240,7 @@ def _resolve_backend(backend, x):
 
 
 def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, cache=None,
-                       contiguous=True):
+                       contiguous=True, grad_into=None):
     """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
 
     Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
@@ -220,6 +250,8 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     passes its own, emptied when its indices change); by default it is built afresh every time.
     contiguous=False returns y as a transposed view of the backends' [L, B] result, which saves two
     transposing copies where the loss is the lean one of model.py (README: the layer in your model).
+    grad_into: the leaf `weight` was made from, to add a second batch's gradient into its .grad in
+    place (_FixedFanIn); its gradient hooks do not run then, so not under DistributedDataParallel.
     """
     # Every wrong argument is a one-line ValueError here, never a wrong result or a kernel's fault.
     if x.dim() < 1 or not x.is_floating_point():
@@ -246,7 +278,7 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
     y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
-                          cache, contiguous)
+                          cache, contiguous, grad_into)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -293,6 +325,7 @@ class FixedFanInLinear(nn.Module):
         self._checked_indices = None  # (address, version) of the indices last found in range
         self._transposed = {}  # the transposed connectivity of those indices, by backend ops (cache)
         self.keep_slots_by_input = True  # False: that copy built in every backward pass, L*k*4 bytes less between
+        self.grad_in_place = False  # True: a second batch's weight gradient added into .grad in place (no DDP)
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):
@@ -313,7 +346,7 @@ class FixedFanInLinear(nn.Module):
             self._transposed = {}
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
                                check_indices=changed, cache=self._transposed if self.keep_slots_by_input else None,
-                               contiguous=self.contiguous_output)
+                               contiguous=self.contiguous_output, grad_into=self.weight if self.grad_in_place else None)
         self._checked_indices = version
         return y
 

@@ -48,6 +48,7 @@ import model
 import processes
 import xc_files
 from config import autocast_dtype, batches_in_an_epoch, lengthened, parse_config, recipe
+from optimizers import make_optimizers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,41 +99,13 @@ class TrainingState:
     rank: int = 0  # this process, of `world` (torchrun); rank 0 prints and writes
     world: int = 1
     batches_done: int = 0  # training batches
-    last_regrown: torch.Tensor | None = None  # slots regrown by the last rewire (for its survival rate)
+    last_regrown: torch.Tensor | None = None  # slots regrown by the last rewire, as bits (dst.packed)
     last_survival: float | None = None  # of the regrown slots, the share the next rewire kept
     best_evaluation: dict = field(default_factory=dict)  # the evaluation of best P@1 (keep_best), with its epoch
     best_p3: float = -1.0  # early stopping: the best P@3 (keep_best), and the evaluations since it
     evaluations_since_best_p3: int = 0
     skipped_steps: int = 0  # optimizer steps the fp16 gradient scaler skipped (non-finite gradients)
     non_finite_in_a_row: int = 0  # batches of non-finite loss since the last finite one
-
-
-def make_optimizers(config, network):
-    """The release's two optimizers. The encoder's: the encoder's weights with weight decay, its
-    biases and LayerNorm weights without, the meta head and the intermediate layer with learning
-    rates of their own (and the optimizer's default weight decay). The classifier's: AdamW, or SGD
-    with momentum 0.9. no_decay "names" finds biases and LayerNorm weights as the release does, by
-    name, which misses DistilBERT's `sa_layer_norm` and `output_layer_norm` and so decays them."""
-    norms = {id(p) for m in network.encoder.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
-    exempt = {id(p) for n, p in network.encoder.named_parameters()
-              if (n.endswith("bias") or id(p) in norms if config.no_decay == "modules"
-                  else "bias" in n or "LayerNorm.weight" in n)}
-    encoder = list(network.encoder.parameters())
-    groups = [{"params": [p for p in encoder if id(p) not in exempt], "weight_decay": config.weight_decay_encoder},
-              {"params": [p for p in encoder if id(p) in exempt], "weight_decay": 0.0}]
-    for module, lr in ((network.meta, config.lr_meta), (network.intermediate, config.lr_intermediate)):
-        if module is not None:
-            groups.append({"params": list(module.parameters()), "lr": lr})
-    encoder_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.encoder_optimizer]
-    # for-loop: a parameter at a time, the same bits as foreach (torch's choice on a GPU) without its
-    # temporaries as large as a whole parameter group; fused: one kernel, bits that differ slightly
-    loop = {"auto": {}, "foreach": dict(foreach=True), "for-loop": dict(foreach=False),
-            "fused": dict(fused=True)}[config.optimizer_loop]
-    encoder_optimizer = encoder_class([g for g in groups if g["params"]], lr=config.lr_encoder, **loop)
-    classifier, lr, decay = network.classifier.parameters(), config.lr_classifier, config.weight_decay_classifier
-    if config.classifier_optimizer == "sgd":
-        return [encoder_optimizer, torch.optim.SGD(classifier, lr=lr, momentum=0.9, weight_decay=decay, **loop)]
-    return [encoder_optimizer, torch.optim.AdamW(classifier, lr=lr, weight_decay=decay, **loop)]
 
 
 def set_up(config, source, xmc, clusters, device, rank=0, world=1):
@@ -151,6 +124,9 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
             {"use_reentrant": False})
     if config.sparse:
         network.classifier.keep_slots_by_input = config.keep_slots_by_input
+        # grad_accum > 1: the batches' weight gradients summed in place, the same bits in [L, k] less
+        # memory (DDP must see autograd deliver each gradient, to average it)
+        network.classifier.grad_in_place = world == 1
     if config.compile:
         network.encoder.compile()  # in place: the state dict keeps its names
     replica = network
@@ -205,13 +181,14 @@ def train_step(config, state, batch, device, window, last):
     s = aux_weight(config, state.batches_done / state.batches_per_epoch)
     with torch.autocast(device.type, dtype=state.autocast, enabled=state.autocast is not None):
         scores, meta_scores = state.replica(batch, with_meta=s > 0)
-    main_loss = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels)
+    # the loss writes its slope over the scores, which nothing reads after it: one [B, L] less
+    main_loss = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels, overwrite=True)
     if config.loss in model.SUMMED and state.world > 1:
         main_loss = main_loss * state.world  # DDP averages the ranks' gradients; a sum over the batch sums its shares
     aux_loss = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
                 else main_loss.new_zeros(()))
     loss = (1 - s) * main_loss + s * aux_loss
-    del scores, meta_scores  # the losses hold what backward needs: [L, B] less through backward and rewire
+    del scores, meta_scores  # the scores hold the slope now; the losses keep what backward needs
     losses = torch.stack([loss.detach(), main_loss.detach(), aux_loss.detach()])
     if state.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)
@@ -239,8 +216,9 @@ def train_step(config, state, batch, device, window, last):
             stats = dst.rewire(state.network.classifier, state.optimizers[1], fraction, threshold,
                                scope=config.rewire_scope, row_cap=config.rewire_row_cap,
                                reset_state=config.rewire_reset_state, generator=generator,
-                               previous_regrown=state.last_regrown)
-            state.last_regrown, state.last_survival, rewired = stats["regrown"], stats["survived"], stats["rewired"]
+                               previous_regrown=dst.unpacked(state.last_regrown, state.network.classifier.weight.shape))
+            state.last_survival, rewired = stats["survived"], stats["rewired"]
+            state.last_regrown = dst.packed(stats["regrown"])  # a bit a slot until the next rewire
     return s, losses, rewired
 
 

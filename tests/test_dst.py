@@ -154,6 +154,33 @@ def test_survival_statistic():
     assert rewire(layer, fraction=0.2, previous_regrown=first["regrown"])["survived"] == 1.0
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.booleans(), max_size=70), st.integers(1, 7))
+def test_regrown_slots_wait_for_the_next_rewire_as_bits(values, width):
+    """dst.packed: bit j of byte i is slot 8 i + j (brute force), and unpacked gives the mask back;
+    a bool mask (an older checkpoint's) and None pass through unpacked as they are."""
+    mask = torch.tensor(values + [False] * (-len(values) % width), dtype=torch.bool).view(-1, width)
+    bits = dst.packed(mask)
+    flat = mask.flatten().tolist()
+    assert bits.tolist() == [sum(1 << j for j in range(8) if 8 * i + j < len(flat) and flat[8 * i + j])
+                             for i in range((len(flat) + 7) // 8)]
+    assert torch.equal(dst.unpacked(bits, mask.shape), mask)
+    assert dst.unpacked(mask, mask.shape) is mask and dst.unpacked(None, mask.shape) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1e-45, -1e-45, 3.0, float("inf"), float("-inf")])
+                | st.floats(allow_nan=False, width=32), min_size=1, max_size=60), st.data())
+def test_the_kth_smallest_by_bisection_on_the_bits_is_the_sorts(values, data):
+    """The global cut (prune_counts): dst.kth_smallest against a sort, with ties, signed zeros,
+    subnormals and infinities, in chunks of 7 (float32), and float64 through kthvalue."""
+    k = data.draw(st.integers(1, len(values)))
+    with mock.patch.dict(dst.ROW_CHUNK_ELEMENTS, cpu=7):
+        for dtype in (torch.float32, torch.float64):
+            tensor = torch.tensor(values, dtype=dtype).view(-1, 1 + (len(values) % 2 == 0))
+            assert dst.kth_smallest(tensor, k) == tensor.flatten().sort().values[k - 1]
+
+
 def test_a_full_layer_has_nothing_to_regrow_into():
     layer = FixedFanInLinear(6, 4, 6)
     assert rewire(layer, fraction=0.5)["rewired"] == 0

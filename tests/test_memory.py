@@ -40,6 +40,46 @@ def test_a_layer_that_keeps_no_transposed_connectivity_builds_it_in_every_backwa
     assert layer._transposed == {}
 
 
+def test_a_backward_pass_frees_its_own_transposed_connectivity_before_the_weight_gradient(monkeypatch):
+    """Without a kept copy, the slots by input (L*k int32) are gone when grad-w allocates its [L, k]
+    in float32: the backward pass's peak holds one [L, k] buffer, never two (sorts of 1,024 slots)."""
+    monkeypatch.setattr(sparse_layer, "SORT_SLOTS", 1024)
+    with memory.Counter() as counter, memory.as_on_a_gpu(counter):
+        layer, x = sparse_layer.FixedFanInLinear(64, 4000, 16), torch.randn(8, 64, requires_grad=True)
+        layer.keep_slots_by_input = False
+        y = layer(x)
+        grad_y = torch.randn(y.shape)
+        before, counter.peak = counter.live, counter.live
+        y.backward(grad_y)
+    grad_yT, slots = 4000 * 8 * 4, 4000 * 16 * 4  # bytes: by hand
+    assert grad_yT + slots <= counter.peak - before < grad_yT + 2 * slots
+
+
+def test_attention_and_dropout_are_counted_as_a_gpus_fused_kernels_compute_them():
+    """The same values and gradients as the CPU's ops (dropout's random draws included), counted
+    as a GPU allocates: no [B, H, T, T] matrix, and dropout's mask one byte an element."""
+    batch, heads, tokens, width = 2, 3, 64, 8
+    q, k, v = (torch.randn(batch, heads, tokens, width, requires_grad=True) for _ in range(3))
+    weights = torch.randn(batch, heads, tokens, width)
+
+    def attention_and_its_gradients(function):
+        torch.manual_seed(1)
+        output = function(q, k, v, dropout_p=0.3)
+        return output, torch.autograd.grad((output * weights).sum(), (q, k, v))
+
+    expected = attention_and_its_gradients(torch.nn.functional.scaled_dot_product_attention)
+    with memory.Counter() as counter:
+        actual = attention_and_its_gradients(memory.fused_attention(counter))
+    assert torch.equal(actual[0], expected[0]) and all(map(torch.equal, actual[1], expected[1]))
+    one = q.numel() * 4  # bytes of a [B, H, T, d] tensor in float32
+    assert counter.peak < 7 * one < batch * heads * tokens * tokens * 4  # by hand: far below one score matrix
+    x = torch.randn(1000, 100, requires_grad=True)
+    with memory.Counter() as counter:
+        y = memory.fused_dropout(x, 0.1)
+        assert counter.live == x.numel() * (4 + 1) and y.shape == x.shape  # the output and a bool mask
+    assert memory.fused_dropout(x, 0.1, training=False) is x
+
+
 def test_the_emulated_cuda_backend_computes_the_layers_function():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(9, 40, generator=generator, requires_grad=True)

@@ -41,6 +41,25 @@ def test_chunked_losses_match_dense_definitions_in_value_and_gradient(monkeypatc
     assert scores.grad.stride() == scores.stride()  # no transposing copy for the layer's backward
 
 
+@pytest.mark.parametrize("name", list(DENSE_LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loss_that_overwrites_its_scores_gives_the_same_bits(monkeypatch, name, dtype):
+    """overwrite=True (train.py): the slope written over the scores, chunk by chunk (7 elements), the
+    very same loss and gradient as into a buffer of its own; the scores' storage is that gradient."""
+    monkeypatch.setitem(model.LOSS_CHUNK_ELEMENTS, "cpu", 7)
+    scores = (torch.randn(13, 6, generator=torch.Generator().manual_seed(1)) * 2).to(dtype).requires_grad_()
+    rows, labels = torch.tensor([0, 0, 2, 5, 5]), torch.tensor([1, 4, 12, 0, 3])
+    results = []
+    for overwrite in (False, True):
+        layer_output = scores.T * 1  # a [B, L] view of an [L, B] non-leaf, as the layer gives
+        loss = model.LOSSES[name](layer_output, rows, labels, overwrite=overwrite)
+        gradient, = torch.autograd.grad(loss, layer_output)
+        results.append((loss, gradient, layer_output.detach()))
+    (loss, gradient, untouched), (loss_overwriting, gradient_overwriting, overwritten) = results
+    assert torch.equal(loss_overwriting, loss) and torch.equal(gradient_overwriting, gradient)
+    assert torch.equal(untouched, scores.T.detach()) and overwritten.data_ptr() == gradient_overwriting.data_ptr()
+
+
 def test_chunked_loss_refuses_a_second_backward():
     scores = torch.randn(2, 3, requires_grad=True)
     loss = model.squared_hinge(scores, torch.tensor([0]), torch.tensor([1]))

@@ -98,9 +98,9 @@ def test_the_fp16_scaler_skips_a_non_finite_step_logs_it_and_trains_on(tiny, mon
     monkeypatch.setattr(train, "autocast_dtype", lambda precision, device: torch.float16)
     calls = []
 
-    def poisoned(scores, rows, labels):  # batch 5 of 38 gives an infinite loss
+    def poisoned(scores, rows, labels, **options):  # batch 5 of 38 gives an infinite loss
         calls.append(1)
-        return model.squared_hinge(scores, rows, labels) * (float("inf") if len(calls) == 5 else 1.0)
+        return model.squared_hinge(scores, rows, labels, **options) * (float("inf") if len(calls) == 5 else 1.0)
 
     monkeypatch.setitem(model.LOSSES, "squared_hinge", poisoned)
     results = train.run(tiny)
@@ -115,9 +115,9 @@ def test_a_loss_that_stays_non_finite_stops_the_fp16_run(tiny, monkeypatch):
     monkeypatch.setattr(train, "autocast_dtype", lambda precision, device: torch.float16)
     calls = []
 
-    def diverged(scores, rows, labels):  # NaN from batch 22 on (the second epoch)
+    def diverged(scores, rows, labels, **options):  # NaN from batch 22 on (the second epoch)
         calls.append(1)
-        return model.squared_hinge(scores, rows, labels) * (float("nan") if len(calls) > 22 else 1.0)
+        return model.squared_hinge(scores, rows, labels, **options) * (float("nan") if len(calls) > 22 else 1.0)
 
     monkeypatch.setitem(model.LOSSES, "squared_hinge", diverged)
     limit = train.NON_FINITE_LIMIT

@@ -75,6 +75,24 @@ def test_torch_backend_is_chunk_invariant(problem, chunk):
         check_against_reference(problem, "torch", torch.float32)
 
 
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.integers(1, 9), st.integers(1, 200), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_grad_x_a_run_of_labels_at_a_time_is_the_same_bits(problem, chunk, sort_slots, dtype):
+    """No kept transposed connectivity (the paper presets): grad-x built and read a run of whole
+    chunks at a time, the very bits of the kept copy read whole (the chunks summed in one order)."""
+    x = problem["x"].to(dtype)
+    weight, indices, grad_y = problem["weight"].to(dtype), problem["indices"], problem["grad_y"].to(dtype)
+    results = []
+    with mock.patch.dict(sparse_layer.GATHER_LABELS, {"cpu": chunk}), \
+            mock.patch.object(sparse_layer, "SORT_SLOTS", sort_slots):
+        for cache in ({}, None):  # kept (built whole), or built a run at a time
+            x_ = x.clone().requires_grad_()
+            fixed_fanin_linear(x_, weight, indices, cache=cache).backward(grad_y)
+            results.append(x_.grad)
+        check_against_reference(problem, "torch", dtype)
+    assert torch.equal(results[0], results[1])
+
+
 @settings(max_examples=40, deadline=None)
 @given(problems(), st.integers(1, 2000))
 def test_torch_backend_gpu_weight_gradient_on_the_cpu(problem, chunk):
@@ -82,6 +100,37 @@ def test_torch_backend_gpu_weight_gradient_on_the_cpu(problem, chunk):
     with mock.patch.object(sparse_layer.TorchOps, "grad_weight", sparse_layer.TorchOps.grad_weight_gathered), \
             mock.patch.dict(sparse_layer.CHUNK_ELEMENTS, {"cpu": chunk}):
         check_against_reference(problem, "torch", torch.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), problems(), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(1, 40))
+def test_a_second_batchs_weight_gradient_added_in_place_is_autograds_sum(first, second, dtype, block):
+    """grad_in_place (gradient accumulation without a second [L, k]): two batches' weight gradients,
+    the second added into .grad a block of slots at a time, are the bits autograd's accumulation
+    gives, and the dense float64 sum of the two within the tolerance."""
+    labels, fan_in = first["weight"].shape
+    in_features, grad_weight = first["x"].shape[1], sparse_layer.TorchOps.grad_weight
+    layers = [FixedFanInLinear(in_features, labels, fan_in) for _ in range(2)]
+    for layer in layers:
+        layer.load_state_dict({"weight": first["weight"], "bias": torch.zeros(labels), "indices": first["indices"]})
+    layers[1].grad_in_place = True
+    batches = [first["x"], second["x"][:, :1].expand(-1, in_features) * 0.5]  # any second batch of width D
+    computed = []  # the rows of every grad-w computed
+    spy = lambda grad_yT, xT, indices: computed.append(len(indices)) or grad_weight(grad_yT, xT, indices)
+    with mock.patch.object(sparse_layer, "ACCUMULATE_ELEMENTS", block), \
+            mock.patch.object(sparse_layer.TorchOps, "grad_weight", spy):
+        for layer in layers:
+            for x in batches:
+                layer(x.to(dtype)).float().square().sum().backward()
+    assert computed[:3] == [labels] * 3 and max(computed[3:]) == min(labels, max(1, block // fan_in))  # then blocks
+    assert torch.equal(layers[1].weight.grad, layers[0].weight.grad)
+    assert torch.equal(layers[1].bias.grad, layers[0].bias.grad)
+    expected, magnitudes = 0, 0
+    for x in (x.to(dtype) for x in batches):  # d(sum y^2)/dy = 2y, in float64 from the same rounded inputs
+        grad_y, weight = 2 * layers[0](x).double().detach(), first["weight"].to(dtype)
+        expected = expected + dense_reference(x, weight, first["indices"], None, grad_y)["grad_weight"]
+        magnitudes = magnitudes + dense_reference(x.abs(), weight.abs(), first["indices"], None, grad_y.abs())["grad_weight"]
+    assert_close(layers[1].weight.grad, expected, 2 * TOLERANCE[dtype], magnitudes)
 
 
 def test_gradcheck_float64_torch_backend():

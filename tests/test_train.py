@@ -15,6 +15,7 @@ import checkpoint
 import data
 import evaluate
 import model
+import optimizers
 import train
 import caches
 from config import Config, parse_config
@@ -42,7 +43,7 @@ def test_training_lowers_the_loss_and_gives_sane_metrics(tiny, sparse):
 
 
 def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
-    monkeypatch.setitem(model.LOSSES, "squared_hinge", lambda scores, rows, labels: scores.sum() * float("nan"))
+    monkeypatch.setitem(model.LOSSES, "squared_hinge", lambda scores, rows, labels, **_: scores.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match="at batch 0"):
         train.run(tiny)
     assert not (Path(tiny.out) / "checkpoint.pt").exists()
@@ -51,9 +52,9 @@ def test_non_finite_loss_stops_before_writing_a_checkpoint(tiny, monkeypatch):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, monkeypatch):
     calls = []
 
-    def poisoned(scores, rows, labels):  # finite for the first epoch (19 steps) and 5 steps more
+    def poisoned(scores, rows, labels, **options):  # finite for the first epoch (19 steps) and 5 steps more
         calls.append(1)
-        return model.squared_hinge(scores, rows, labels) * (float("nan") if len(calls) > 24 else 1.0)
+        return model.squared_hinge(scores, rows, labels, **options) * (float("nan") if len(calls) > 24 else 1.0)
 
     monkeypatch.setitem(model.LOSSES, "squared_hinge", poisoned)
     with pytest.raises(FloatingPointError, match="at batch 24"):
@@ -92,7 +93,7 @@ def test_the_two_optimizers_carry_the_release_groups(tiny):
                                  lr_intermediate=2e-2, classifier_optimizer="sgd", lr_classifier=0.08,
                                  weight_decay_classifier=1e-4)
     network = build_model("bow", 50, 20, num_clusters=4, dim=8, intermediate=16, fan_in=4)
-    encoder, classifier = train.make_optimizers(config, network)
+    encoder, classifier = optimizers.make_optimizers(config, network)
     groups = [(g["lr"], g["weight_decay"], {id(p) for p in g["params"]}) for g in encoder.param_groups]
     ids = lambda module: {id(p) for p in module.parameters()}
     assert groups == [(1e-3, 0.05, {id(network.encoder.embedding.weight)}), (1e-3, 0.0, {id(network.encoder.bias)}),
@@ -102,10 +103,38 @@ def test_the_two_optimizers_carry_the_release_groups(tiny):
     assert {id(p) for p in classifier.param_groups[0]["params"]} == ids(network.classifier)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_adam_a_block_of_rows_at_a_time_is_torchs_for_loop_bit_for_bit(kind, monkeypatch):
+    """--optimizer-loop for-loop (the paper presets): RowBlocks against torch's foreach=False Adam(W)
+    with blocks of 3 rows, over six steps with weight decay: the same weights and the same state
+    dict (a checkpoint of either loads into the other)."""
+    monkeypatch.setattr(optimizers, "BLOCK_ELEMENTS", 20)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(37, 7), (11,), ()]  # blocks of 2 rows, of 20 elements, and a scalar
+    runs = []
+    for implementation in ({"adamw": optimizers.RowBlockAdamW, "adam": optimizers.RowBlockAdam}[kind],
+                           {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[kind]):
+        generator.manual_seed(0)
+        parameters = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+        optimizer = implementation(parameters, lr=0.01, weight_decay=0.1, foreach=False)
+        for _ in range(6):
+            for parameter in parameters:
+                parameter.grad = torch.randn(parameter.shape, generator=generator)
+            optimizer.step()
+        runs.append((parameters, optimizer.state_dict()))
+    (blocked, blocked_state), (torchs, torchs_state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(blocked, torchs))
+    assert blocked_state["param_groups"] == torchs_state["param_groups"]
+    for key, state in torchs_state["state"].items():
+        for name, value in state.items():
+            ours = blocked_state["state"][key][name]
+            assert torch.equal(ours, value) and ours.dtype == value.dtype, name
+
+
 def test_a_transformers_layer_norm_weights_and_biases_get_no_weight_decay(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     network = build_model(str(tiny_bert(tmp_path / "bert")), 0, 20, fan_in=4)
-    encoder, _ = train.make_optimizers(Config(encoder="adam", encoder_optimizer="adam"), network)
+    encoder, _ = optimizers.make_optimizers(Config(encoder="adam", encoder_optimizer="adam"), network)
     names = {id(p): n for n, p in network.named_parameters()}
     decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
     assert isinstance(encoder, torch.optim.Adam) and exempt and decayed
@@ -284,7 +313,7 @@ def test_no_decay_names_reproduces_the_releases_name_match_which_misses_distilbe
     layer_norms = [n for n in names.values() if "layer_norm.weight" in n]
     assert len(layer_norms) == 4  # sa_layer_norm and output_layer_norm in each of 2 layers
     for no_decay, decayed_norms in (("modules", []), ("names", layer_norms)):
-        encoder, _ = train.make_optimizers(Config(no_decay=no_decay), network)
+        encoder, _ = optimizers.make_optimizers(Config(no_decay=no_decay), network)
         decayed, exempt = ([names[id(p)] for p in group["params"]] for group in encoder.param_groups)
         assert sorted(n for n in decayed if "norm" in n.lower()) == sorted(decayed_norms), no_decay
         assert "encoder.transformer.embeddings.LayerNorm.weight" in exempt
