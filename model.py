@@ -212,8 +212,6 @@ def positives_of(target, device=None):
     return rows[keep].to(device or rows.device), labels[keep].to(device or labels.device)
 
 
-# overwrite=True: the scores are overwritten by the loss's slope (train.py, which drops them after).
-
 def squared_hinge(scores, rows, labels, overwrite=False):
     """mean over (b, l) of max(0, 1 - y z)^2 for the scores z, y = +1 for positives and -1 for the rest."""
     return _LabelLoss.apply(scores, rows, labels, _hinge, 1.0 / max(1, scores.numel()), overwrite)

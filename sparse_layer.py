@@ -63,6 +63,11 @@ class SlotsByInput(NamedTuple):
 SORT_SLOTS = 1 << 22
 
 
+def labels_a_sort(chunk, fan_in):
+    """Labels whose slots are sorted at once: whole chunks, about SORT_SLOTS slots."""
+    return chunk * max(1, SORT_SLOTS // (chunk * max(1, fan_in)))
+
+
 def transpose_connectivity(indices, in_features, chunk):
     """SlotsByInput(order, starts) of indices [L, k] for label chunks of `chunk` labels. A stable
     sort by (chunk, feature): within a chunk and feature, slots keep their order (so sums run in a
@@ -73,7 +78,7 @@ def transpose_connectivity(indices, in_features, chunk):
     if labels * fan_in >= 2**31:
         raise ValueError(f"L * k = {labels * fan_in:,} slots: the transposed connectivity indexes them with int32")
     chunks = max(1, math.ceil(labels / chunk))
-    run = chunk * max(1, SORT_SLOTS // (chunk * fan_in))  # labels a sort: whole chunks
+    run = labels_a_sort(chunk, fan_in)
     # int32 keys where they fit: the sort takes half the time of int64 ones (CPU: 36 vs 83 ms for 3.2M)
     key_dtype = torch.int32 if math.ceil(run / chunk) * in_features < 2**31 else torch.int64
     order = torch.empty(labels * fan_in, dtype=torch.int32, device=indices.device)
@@ -169,7 +174,7 @@ class _FixedFanIn(torch.autograd.Function):
     elementwise ops of a loss keep that layout, so the gradient arrives as [L, B] again and needs no
     transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `cache` keeps the transposed
     connectivity by ops: built in the backward pass only if grad-x is needed, and only once for as
-    long as a module keeps its cache (None: built for that backward pass and freed at its end).
+    long as a module keeps its cache (None: built a run of labels at a time, `_grad_input`).
     `grad_into`: a parameter whose existing .grad grad-w is added into in place, a block of labels
     at a time, instead of being returned (autograd would hold it beside that .grad to add it: a
     second [L, k] when gradients accumulate over batches); the sums are the same bits."""
@@ -215,7 +220,7 @@ def _grad_input(ops, cache, grad_yT, weight, indices, in_features):
         return ops.grad_input(grad_yT, weight, indices, in_features, None if cache is None else cache[ops])
     into = torch.zeros(in_features, grad_yT.shape[1], device=grad_yT.device,
                        dtype=torch.promote_types(grad_yT.dtype, torch.float32))
-    run = chunk * max(1, SORT_SLOTS // (chunk * max(1, indices.shape[1])))
+    run = labels_a_sort(chunk, indices.shape[1])
     for start in range(0, len(indices), run):
         rows = slice(start, start + run)
         by_input = transpose_connectivity(indices[rows], in_features, chunk)
@@ -324,7 +329,7 @@ class FixedFanInLinear(nn.Module):
         self.reset_parameters(generator)
         self._checked_indices = None  # (address, version) of the indices last found in range
         self._transposed = {}  # the transposed connectivity of those indices, by backend ops (cache)
-        self.keep_slots_by_input = True  # False: that copy built in every backward pass, L*k*4 bytes less between
+        self.keep_slots_by_input = True  # False: built a run at a time in every backward pass, L*k*4 bytes less
         self.grad_in_place = False  # True: a second batch's weight gradient added into .grad in place (no DDP)
 
     @torch.no_grad()

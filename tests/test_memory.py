@@ -40,9 +40,10 @@ def test_a_layer_that_keeps_no_transposed_connectivity_builds_it_in_every_backwa
     assert layer._transposed == {}
 
 
-def test_a_backward_pass_frees_its_own_transposed_connectivity_before_the_weight_gradient(monkeypatch):
-    """Without a kept copy, the slots by input (L*k int32) are gone when grad-w allocates its [L, k]
-    in float32: the backward pass's peak holds one [L, k] buffer, never two (sorts of 1,024 slots)."""
+def test_a_backward_pass_never_holds_its_own_transposed_connectivity_beside_grad_w(monkeypatch):
+    """Without a kept copy, the slots by input (L*k int32) are built a run at a time, never whole
+    beside grad-w's [L, k] in float32: the backward pass's peak holds one [L, k] buffer, never two
+    (runs of 1,024 slots)."""
     monkeypatch.setattr(sparse_layer, "SORT_SLOTS", 1024)
     with memory.Counter() as counter, memory.as_on_a_gpu(counter):
         layer, x = sparse_layer.FixedFanInLinear(64, 4000, 16), torch.randn(8, 64, requires_grad=True)
