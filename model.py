@@ -13,7 +13,9 @@ auxiliary meta-classifier.
                  train.py switches it off partway through training.
 The losses (Section 4) come last: the main loss over all labels, and the meta-classifier's. They
 take any [B, L] scores, in either layout, with their positives as (rows, labels) lists; positives_of
-makes those from a dense or sparse 0/1 target, so a forker's own model can use them.
+makes those from a dense or sparse 0/1 target, so a forker's own model can use them. With
+`loss_in_runs`, the sparse classifier computes its scores and the main loss a run of labels at a
+time (label_loss_in_runs): the [B, L] scores are never whole.
 """
 import inspect
 
@@ -105,14 +107,20 @@ class XMCModel(nn.Module):
         else:
             self.classifier = nn.Linear(width, num_labels)
         self.meta = nn.Linear(encoder.out_features, num_clusters) if num_clusters else None
+        self.loss_in_runs = False  # True (a sparse classifier): its loss a run of labels at a time, never [B, L]
 
-    def forward(self, batch, with_meta=False):
-        """Label scores [B, L], and the cluster scores [B, C] when asked (and a meta head exists)."""
+    def forward(self, batch, with_meta=False, loss=None):
+        """Label scores [B, L], and the cluster scores [B, C] when asked (and a meta head exists).
+        loss: (name, rows, labels) of LOSSES, returned in place of the scores, which nothing else
+        reads then: its slope is written over them, or with `loss_in_runs` they are never whole."""
         features = self.encoder(batch)
         hidden = features if self.intermediate is None else self.intermediate(features).float()
-        scores = self.classifier(hidden)
         meta_scores = self.meta(features) if with_meta and self.meta is not None else None
-        return scores, meta_scores
+        if loss is None:
+            return self.classifier(hidden), meta_scores
+        if self.loss_in_runs:
+            return label_loss_in_runs(self.classifier, hidden, *loss), meta_scores
+        return LOSSES[loss[0]](self.classifier(hidden), *loss[1:], overwrite=True), meta_scores
 
     def classifier_bytes(self, optimizer_slots=2):
         """Bytes of the classifier's parameters (+ indices) and their optimizer state (AdamW: 2
@@ -212,22 +220,62 @@ def positives_of(target, device=None):
     return rows[keep].to(device or rows.device), labels[keep].to(device or labels.device)
 
 
+# Each loss by its parts: the per-label loss and its reduction over (b, l), a mean or a sum.
+TERMS = {"squared_hinge": (_hinge, "mean"), "bce": (_bce, "sum"), "bce_mean": (_bce, "mean")}
+
+
+def _label_loss(name, scores, rows, labels, overwrite):
+    per_label, reduction = TERMS[name]
+    return _LabelLoss.apply(scores, rows, labels, per_label, _scale(reduction, scores.numel()), overwrite)
+
+
+def _scale(reduction, elements):
+    return 1.0 / max(1, elements) if reduction == "mean" else 1.0
+
+
 def squared_hinge(scores, rows, labels, overwrite=False):
     """mean over (b, l) of max(0, 1 - y z)^2 for the scores z, y = +1 for positives and -1 for the rest."""
-    return _LabelLoss.apply(scores, rows, labels, _hinge, 1.0 / max(1, scores.numel()), overwrite)
+    return _label_loss("squared_hinge", scores, rows, labels, overwrite)
 
 
 def bce(scores, rows, labels, overwrite=False):
     """binary cross-entropy summed over (b, l), as the release (after Renee) computes it."""
-    return _LabelLoss.apply(scores, rows, labels, _bce, 1.0, overwrite)
+    return _label_loss("bce", scores, rows, labels, overwrite)
 
 
 def bce_mean(scores, rows, labels, overwrite=False):
     """binary cross-entropy, the mean over (b, l) (torch's default reduction)."""
-    return _LabelLoss.apply(scores, rows, labels, _bce, 1.0 / max(1, scores.numel()), overwrite)
+    return _label_loss("bce_mean", scores, rows, labels, overwrite)
 
 
 LOSSES = {"squared_hinge": squared_hinge, "bce": bce, "bce_mean": bce_mean}
+
+
+def label_loss_in_runs(classifier, hidden, name, rows, labels):
+    """LOSSES[name](classifier(hidden), rows, labels) for a FixedFanInLinear `classifier`, which
+    computes its scores, this loss and their gradients a run of labels at a time: the [B, L] scores
+    and slope are never whole (1.34 GiB each at Amazon-3M's batch of 128). The gradients are the
+    same bits (BCE's on a CPU up to an ulp: its vector loop's scalar tail computes sigmoid otherwise,
+    and falls elsewhere in a run); the loss sums its terms in another order."""
+    per_label, reduction = TERMS[name]
+    run = classifier.labels_a_run(hidden)
+    labels, order = labels.sort(stable=True)  # a run's positives: one slice
+    rows = rows[order]
+    edges = torch.arange(0, classifier.out_features + run, run, device=labels.device)
+    bounds = torch.searchsorted(labels, edges).tolist()
+
+    def terms(start, zT):  # zT [run, B]: the scores of labels start, start + 1, ...
+        lo, hi = bounds[start // run], bounds[start // run + 1]
+        local, batch_rows = labels[lo:hi] - start, rows[lo:hi]
+        at_positives = zT[local, batch_rows].float()
+        value, slope = per_label(zT.float(), -1)  # every label a negative, then the positives swapped
+        (as_negative, _), (as_positive, positive_slope) = per_label(at_positives, -1), per_label(at_positives, +1)
+        slope[local, batch_rows] = positive_slope
+        return value + (as_positive - as_negative), slope.to(zT.dtype)
+
+    return classifier(hidden, terms, _scale(reduction, len(hidden) * classifier.out_features))
+
+
 SUMMED = ("bce",)  # sums over the batch, not means: under torchrun each process's share is scaled back up
 
 

@@ -21,8 +21,9 @@ feature, so that gathering the features of a label reads whole rows):
 The input gradient reads the connectivity the other way round (for every input feature, the
 (label, slot) pairs that read it). transpose_connectivity builds that transposed copy with one
 stable sort; FixedFanInLinear keeps it until its indices change (a rewire, a load), or with
-keep_slots_by_input=False builds it a run of labels at a time in every backward pass; it is never
-saved in a checkpoint.
+keep_slots_by_input=False builds it a run of labels at a time in every backward pass (never saved).
+Given a loss's `terms`, the layer computes its scores, that loss and their gradients a run of labels
+at a time (_FixedFanInLoss): no [L, B] is held whole.
 """
 import math
 import warnings
@@ -207,6 +208,56 @@ class _FixedFanIn(torch.autograd.Function):
         return grad_x, grad_weight, None, grad_bias, None, None, None, None
 
 
+def _labels_a_run(ops, device, fan_in):
+    """Labels of a run of _grad_input and _FixedFanInLoss: labels_a_sort of the chunks `ops` read."""
+    return labels_a_sort(ops.labels_per_chunk(device) or 1, fan_in)
+
+
+class _FixedFanInLoss(torch.autograd.Function):
+    """The layer and a loss of its scores at once, neither the [L, B] scores nor their slope ever
+    whole: scale * the sum over runs of labels of terms(start, yT)[0], where yT [run, B] holds the
+    scores of labels start, start + 1, ... and `terms` gives the run's loss and slope (in yT's
+    dtype). The backward pass computes each run's scores again (one more forward pass), scales
+    the slope by grad_output * scale (as model._LabelLoss does) and takes the run's gradients:
+    grad-x into one [D, B] in _grad_input's order, grad-w (`grad_into`: into .grad), grad-bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, indices, bias, ops, terms, scale, grad_into):
+        xT = x.t().contiguous()
+        ctx.save_for_backward(xT, weight, indices, bias)
+        ctx.ops, ctx.terms, ctx.scale, ctx.grad_into = ops, terms, scale, grad_into
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        run = _labels_a_run(ops, x.device, indices.shape[1])
+        for start in range(0, len(indices), run):
+            rows = slice(start, start + run)
+            total += terms(start, ops.forward(xT, weight[rows], indices[rows], bias[rows]))[0]
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        xT, weight, indices, bias = ctx.saved_tensors
+        ops, needs, (in_features, batch) = ctx.ops, ctx.needs_input_grad, xT.shape
+        grad_xT = torch.zeros(in_features, batch, dtype=torch.promote_types(xT.dtype, torch.float32), device=xT.device)
+        accumulated = ctx.grad_into.grad if ctx.grad_into is not None else None
+        grad_weight = torch.empty_like(weight) if needs[1] and accumulated is None else None
+        grad_bias = torch.empty_like(bias) if needs[3] else None
+        chunk, run = ops.labels_per_chunk(xT.device), _labels_a_run(ops, xT.device, indices.shape[1])
+        for start in range(0, len(indices), run):
+            rows = slice(start, start + run)
+            _, slope = ctx.terms(start, ops.forward(xT, weight[rows], indices[rows], bias[rows]))
+            grad_yT = slope.mul_(grad_output * ctx.scale)
+            if needs[0]:
+                _add_grad_input(ops, chunk, grad_yT, weight[rows], indices[rows], grad_xT)
+            if needs[1] and accumulated is not None:
+                accumulated[rows] += ops.grad_weight(grad_yT, xT, indices[rows]).to(accumulated.dtype)
+            elif needs[1]:
+                grad_weight[rows] = ops.grad_weight(grad_yT, xT, indices[rows])
+            if needs[3]:
+                grad_bias[rows] = grad_yT.sum(1, dtype=grad_xT.dtype).to(grad_yT.dtype)
+        grad_x = grad_xT.to(xT.dtype).t() if needs[0] else None
+        return grad_x, grad_weight, None, grad_bias, None, None, None, None
+
+
 def _grad_input(ops, cache, grad_yT, weight, indices, in_features):
     """grad-x by `ops`. A kept transposed connectivity (`cache`) is built once and read whole;
     without one, it is built for a run of whole label chunks (SORT_SLOTS slots) at a time and freed
@@ -220,12 +271,17 @@ def _grad_input(ops, cache, grad_yT, weight, indices, in_features):
         return ops.grad_input(grad_yT, weight, indices, in_features, None if cache is None else cache[ops])
     into = torch.zeros(in_features, grad_yT.shape[1], device=grad_yT.device,
                        dtype=torch.promote_types(grad_yT.dtype, torch.float32))
-    run = labels_a_sort(chunk, indices.shape[1])
+    run = _labels_a_run(ops, grad_yT.device, indices.shape[1])
     for start in range(0, len(indices), run):
         rows = slice(start, start + run)
-        by_input = transpose_connectivity(indices[rows], in_features, chunk)
-        ops.grad_input(grad_yT[rows], weight[rows], indices[rows], in_features, by_input, into)
+        _add_grad_input(ops, chunk, grad_yT[rows], weight[rows], indices[rows], into)
     return into.to(grad_yT.dtype)
+
+
+def _add_grad_input(ops, chunk, grad_yT, weight, indices, into):
+    """grad-x of a run of labels added into `into` [D, B], their transposed connectivity built for it."""
+    by_input = None if chunk is None else transpose_connectivity(indices, len(into), chunk)
+    ops.grad_input(grad_yT, weight, indices, len(into), by_input, into)
 
 
 def _resolve_backend(backend, x):
@@ -245,7 +301,7 @@ def _resolve_backend(backend, x):
 
 
 def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, cache=None,
-                       contiguous=True, grad_into=None):
+                       contiguous=True, grad_into=None, terms=None, scale=1.0):
     """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
 
     Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
@@ -257,6 +313,8 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     transposing copies where the loss is the lean one of model.py (README: the layer in your model).
     grad_into: the leaf `weight` was made from, to add a second batch's gradient into its .grad in
     place (_FixedFanIn); its gradient hooks do not run then, so not under DistributedDataParallel.
+    terms: a loss of the scores instead of the scores, scale * the sum of terms(start, yT)[0] over
+    runs of labels (_FixedFanInLoss; model.label_loss_in_runs), over the rows of x; `cache` unused.
     """
     # Every wrong argument is a one-line ValueError here, never a wrong result or a kernel's fault.
     if x.dim() < 1 or not x.is_floating_point():
@@ -282,6 +340,9 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     indices = indices.to(torch.int32).contiguous()
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
+    if terms is not None:
+        return _FixedFanInLoss.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
+                                     terms, scale, grad_into)
     y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
                           cache, contiguous, grad_into)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -339,7 +400,9 @@ class FixedFanInLinear(nn.Module):
         if self.bias is not None:
             self.bias.zero_()
 
-    def forward(self, x):
+    def forward(self, x, terms=None, scale=1.0):
+        """The scores [..., L]; or, given `terms`, scale * the loss they sum over runs of labels
+        (fixed_fanin_linear), the scores never held whole: labels_a_run(x) labels a run."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
         # Check the indices' range, and forget their transposed copy, only after they changed
@@ -351,9 +414,14 @@ class FixedFanInLinear(nn.Module):
             self._transposed = {}
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
                                check_indices=changed, cache=self._transposed if self.keep_slots_by_input else None,
-                               contiguous=self.contiguous_output, grad_into=self.weight if self.grad_in_place else None)
+                               contiguous=self.contiguous_output, grad_into=self.weight if self.grad_in_place else None,
+                               terms=terms, scale=scale)
         self._checked_indices = version
         return y
+
+    def labels_a_run(self, x):
+        """Labels of a run when forward is given `terms` and input x (runs start at 0, run, 2 run...)."""
+        return _labels_a_run(_resolve_backend(self.backend, x), x.device, self.fan_in)
 
     @classmethod
     def from_dense(cls, linear, fan_in, backend="auto"):

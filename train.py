@@ -127,6 +127,7 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
         # grad_accum > 1: the batches' weight gradients summed in place, the same bits in [L, k] less
         # memory (DDP must see autograd deliver each gradient, to average it)
         network.classifier.grad_in_place = world == 1
+        network.loss_in_runs = config.loss_in_runs
     if config.compile:
         network.encoder.compile()  # in place: the state dict keeps its names
     replica = network
@@ -180,15 +181,15 @@ def train_step(config, state, batch, device, window, last):
     gradients add up to one optimizer step. Returns (s, [total, main, aux] loss, connections rewired)."""
     s = aux_weight(config, state.batches_done / state.batches_per_epoch)
     with torch.autocast(device.type, dtype=state.autocast, enabled=state.autocast is not None):
-        scores, meta_scores = state.replica(batch, with_meta=s > 0)
-    # the loss writes its slope over the scores, which nothing reads after it: one [B, L] less
-    main_loss = model.LOSSES[config.loss](scores, batch.positive_rows, batch.positive_labels, overwrite=True)
+        # the main loss comes back instead of the [B, L] scores (model.py): never more than one of them
+        main_loss, meta_scores = state.replica(batch, with_meta=s > 0,
+                                               loss=(config.loss, batch.positive_rows, batch.positive_labels))
     if config.loss in model.SUMMED and state.world > 1:
         main_loss = main_loss * state.world  # DDP averages the ranks' gradients; a sum over the batch sums its shares
     aux_loss = (model.meta_loss(meta_scores, batch.positive_rows, batch.positive_labels, state.clusters) if s > 0
                 else main_loss.new_zeros(()))
     loss = (1 - s) * main_loss + s * aux_loss
-    del scores, meta_scores  # the scores hold the slope now; the losses keep what backward needs
+    del meta_scores  # the losses keep what backward needs
     losses = torch.stack([loss.detach(), main_loss.detach(), aux_loss.detach()])
     if state.world > 1:  # the global batch's losses (DDP averages the gradients the same way), on every rank
         torch.distributed.all_reduce(losses)

@@ -161,10 +161,18 @@ def test_the_shared_delicious_folder_needs_no_other_flag():
 
 @pytest.mark.parametrize("argv, message", [(["--loss", "hinge"], "--loss must be one of"),
                                            (["--epochs", "0"], "--epochs must be at least 1"),
-                                           (["--precision", "int8"], "--precision")])
+                                           (["--precision", "int8"], "--precision"),
+                                           (["--loss-in-runs"], "--loss-in-runs needs .* --no-keep-slots-by-input"),
+                                           (["--data", "amazon3m", "--loss-in-runs", "--no-sparse"], "needs the sparse")])
 def test_bad_options_are_refused_in_one_line(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_config(argv)
+
+
+def test_a_typed_dense_classifier_or_kept_slots_by_input_turn_a_presets_loss_in_runs_off():
+    assert parse_config(["--data", "amazon3m"]).loss_in_runs
+    for typed in (["--no-sparse"], ["--keep-slots-by-input"]):
+        assert not parse_config(["--data", "amazon3m", *typed]).loss_in_runs
 
 
 def test_wandb_without_the_package_is_a_one_line_error(monkeypatch):

@@ -64,7 +64,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, loss)
 
 def test_a_transformer_without_the_aux_loss_trains_under_torchrun(tmp_path):
     """The pretrained model's pooler never gets a gradient, which DDP refuses at the second step;
-    the encoder is loaded without it. 2 processes against 1, a tiny local BERT, aux loss off."""
+    the encoder is loaded without it. 2 processes against 1, a tiny local BERT, aux loss off, the
+    loss a run of labels at a time (autograd, not .grad in place, delivers its weight gradient)."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "Tiny"
     folder.mkdir()
@@ -74,7 +75,7 @@ def test_a_transformer_without_the_aux_loss_trains_under_torchrun(tmp_path):
         (folder / f"{split}_labels.txt").write_text("".join(t.split()[0].upper() + "\n" for t in texts))
     flags = ["--data", str(folder), "--encoder", str(tiny_bert(tmp_path / "bert")), "--max-length", "8",
              "--epochs", "2", "--batch-size", "16", "--fan-in", "4", "--aux-weight", "0", "--dropout", "0",
-             "--rewire-interval", "2", "--warmup-steps", "1", "--device", "cpu"]
+             "--rewire-interval", "2", "--warmup-steps", "1", "--device", "cpu", "--loss-in-runs"]
     launch(TORCHRUN, tmp_path / "two", flags)
     launch([sys.executable, str(HELPER)], tmp_path / "one", flags)
     two, one = (torch.load(tmp_path / run / "rank0.pt", weights_only=True) for run in ("two", "one"))

@@ -143,11 +143,15 @@ def test_recomputing_the_encoders_activations_trains_the_same_weights(tmp_path, 
 
 
 @pytest.mark.parametrize("change", [dict(optimizer_loop="for-loop"), dict(optimizer_loop="foreach"),
-                                    dict(keep_slots_by_input=False)], ids=["for-loop", "foreach", "rebuilt"])
-def test_the_paper_presets_memory_options_train_the_same_bits(tiny, change):
+                                    dict(keep_slots_by_input=False), dict(keep_slots_by_input=False, loss_in_runs=True)],
+                         ids=["for-loop", "foreach", "rebuilt", "in runs"])
+def test_the_paper_presets_memory_options_train_the_same_bits(tiny, change, monkeypatch):
     """--optimizer-loop for-loop (no temporaries the size of a parameter group) against torch's own
     choice, the same AdamW math; --no-keep-slots-by-input, the transposed connectivity rebuilt in
-    every backward pass, the same order: the very same weights after three epochs."""
+    every backward pass, the same order; --loss-in-runs, the scores and the (squared hinge) loss 16
+    labels at a time: the very same weights after three epochs."""
+    monkeypatch.setitem(sparse_layer.GATHER_LABELS, "cpu", 16)  # 120 labels: runs of 16, chunks of 16
+    monkeypatch.setattr(sparse_layer, "SORT_SLOTS", 1)
     runs = [dataclasses.replace(tiny, device="cpu", out=f"{tiny.out}-{name}", **options)
             for name, options in (("default", {}), ("changed", change))]
     weights = []

@@ -1,9 +1,13 @@
 """model.py against dense float64 definitions: the chunked losses (values and gradients, in both
 layouts and in 16 bit) and the meta loss; a fan-in wider than the classifier's inputs refused."""
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import model
+import sparse_layer
 from conftest import build_model
 
 
@@ -58,6 +62,52 @@ def test_a_loss_that_overwrites_its_scores_gives_the_same_bits(monkeypatch, name
     (loss, gradient, untouched), (loss_overwriting, gradient_overwriting, overwritten) = results
     assert torch.equal(loss_overwriting, loss) and torch.equal(gradient_overwriting, gradient)
     assert torch.equal(untouched, scores.T.detach()) and overwritten.data_ptr() == gradient_overwriting.data_ptr()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(list(DENSE_LOSSES)), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(1, 30),
+       st.integers(2, 9), st.integers(1, 5), st.integers(1, 40), st.booleans(), st.integers(0, 2**31))
+def test_a_loss_in_runs_gives_the_scores_loss_and_the_same_gradient_bits(name, dtype, labels, batch, chunk, slots,
+                                                                         accumulate, seed):
+    """label_loss_in_runs (--loss-in-runs): the classifier's scores and loss a run of labels at a
+    time (runs of `chunk`-label chunks, `slots` slots a sort), the [B, L] scores never whole: the
+    gradients of x, weight and bias are those of LOSSES[name](layer(x)) (a second batch's added into
+    .grad in place too), the same bits for the squared hinge, and the loss that of the dense float64
+    definition. (A batch of one gives the plain path's [L, 1] gradient other strides, which send
+    embedding_bag down another path.)"""
+    generator = torch.Generator().manual_seed(seed)
+    in_features, fan_in = 7, 3
+    layers = [sparse_layer.FixedFanInLinear(in_features, labels, fan_in, generator=generator) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    with torch.no_grad():
+        layers[0].bias.normal_(generator=generator)
+        layers[1].bias.copy_(layers[0].bias)
+    for layer in layers:
+        layer.grad_in_place = accumulate
+    x = torch.randn(batch, in_features, generator=generator).to(dtype)
+    positives = torch.rand(batch, labels, generator=generator) < 0.3
+    rows, positive_labels = positives.nonzero(as_tuple=True)
+    shuffled = torch.randperm(len(rows), generator=generator)  # any order of the positives
+    rows, positive_labels = rows[shuffled], positive_labels[shuffled]
+    results = []
+    with mock.patch.dict(sparse_layer.GATHER_LABELS, cpu=chunk), mock.patch.object(sparse_layer, "SORT_SLOTS", slots):
+        for layer, in_runs in zip(layers, (False, True)):
+            inputs = x.clone().requires_grad_()
+            for _ in range(1 + accumulate):
+                loss = (model.label_loss_in_runs(layer, inputs, name, rows, positive_labels) if in_runs else
+                        model.LOSSES[name](layer(inputs), rows, positive_labels, overwrite=True))
+                loss.backward()
+            results.append((loss, inputs.grad, layer.weight.grad, layer.bias.grad))
+    for what, plain, in_runs in zip(("x", "weight", "bias"), results[0][1:], results[1][1:]):
+        if name == "squared_hinge":
+            assert torch.equal(plain, in_runs), what
+        else:  # sigmoid rounds by the ulp in a CPU vector loop's scalar tail, which sits elsewhere in a run
+            torch.testing.assert_close(plain, in_runs, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    dense = layers[0].to_dense().double()
+    s64 = (x.double() @ dense.T.to(dtype).double() + layers[0].bias.to(dtype).double())
+    expected = DENSE_LOSSES[name](s64, positives.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(results[1][0].double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_chunked_loss_refuses_a_second_backward():
