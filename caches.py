@@ -1,9 +1,9 @@
 """Caches next to a data set, the plumbing of data.py and xc_files.py (a paper reader can skip
-this file): the label clusters of the aux loss, and a transformer's token ids (a memory-mapped .npy
-file, built once, reused by later runs and evaluate.py). Each is written once, atomically, under a
-name keyed by what it was built from, and rebuilt when damaged or foreign, never trusted. Below
-them, the token ids themselves: texts cut and tokenised as the encoder reads them, into rows
-(length, ids[max_length]).
+this file): the label clusters of the aux loss, a transformer's token ids (a memory-mapped .npy
+file, built once, reused by later runs and evaluate.py) and a frozen one's outputs. Each is written
+once, atomically, under a name keyed by what it was built from, and rebuilt when damaged or
+foreign, never trusted. Below them, the token ids themselves: texts cut and tokenised as the
+encoder reads them, into rows (length, ids[max_length]).
 """
 import functools
 import os
@@ -71,6 +71,22 @@ def token_cache(split, tokenizer_name, max_length, cache_dir):
         rows.flush()
 
     return cached(Path(cache_dir) / f"tokens_{key}.npy", build, lambda a: a.shape == (len(split),) and a.dtype == dtype)
+
+
+def pooled_cache(tokens, encode, width, key, cache_dir, batch_size=256):
+    """A frozen encoder's outputs [N, width] (float32) of the token rows `tokens`, cached under a
+    name keyed by `key` (what the encoder is); built once by encode(token batch), a batch of
+    documents of about the same length at a time (the padding a batch computes is its longest's)."""
+    def build(file):
+        out = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(len(tokens), width))
+        by_length = np.argsort(tokens["length"], kind="stable")
+        for start in range(0, len(tokens), batch_size):
+            rows = np.sort(by_length[start:start + batch_size])
+            out[rows] = encode(data.token_batch(tokens, rows)).float().cpu().numpy()
+        out.flush()
+
+    name = f"pooled_{data.fingerprint(Path(tokens.filename).name, key)}.npy"
+    return cached(Path(cache_dir) / name, build, lambda a: a.shape == (len(tokens), width) and a.dtype == np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

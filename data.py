@@ -403,7 +403,10 @@ def as_long(ids):
 
 def token_batch(tokens, rows):
     """input_ids and attention_mask of the rows, padded only as far as their longest: the extra
-    padding of the cache is masked out, so cutting it changes nothing but the work."""
+    padding of the cache is masked out, so cutting it changes nothing but the work. (A frozen
+    encoder's cached outputs [N, H] instead: their rows, as "pooled".)"""
+    if tokens.dtype.names is None:
+        return {"pooled": torch.from_numpy(np.array(tokens[rows], dtype=np.float32))}
     chosen = tokens[rows]
     width = int(chosen["length"].max(initial=1))
     lengths = torch.from_numpy(chosen["length"].astype(np.int64))

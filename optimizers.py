@@ -23,7 +23,7 @@ def make_optimizers(config, network):
     exempt = {id(p) for n, p in network.encoder.named_parameters()
               if (n.endswith("bias") or id(p) in norms if config.no_decay == "modules"
                   else "bias" in n or "LayerNorm.weight" in n)}
-    encoder = list(network.encoder.parameters())
+    encoder = [p for p in network.encoder.parameters() if p.requires_grad]  # (a frozen one: none)
     groups = [{"params": [p for p in encoder if id(p) not in exempt], "weight_decay": config.weight_decay_encoder},
               {"params": [p for p in encoder if id(p) in exempt], "weight_decay": 0.0}]
     for module, lr in ((network.meta, config.lr_meta), (network.intermediate, config.lr_intermediate)):
@@ -37,7 +37,7 @@ def make_optimizers(config, network):
     row_blocks = config.optimizer_loop == "for-loop"
     adam, adamw = (RowBlockAdam, RowBlockAdamW) if row_blocks else (torch.optim.Adam, torch.optim.AdamW)
     encoder_class = {"adamw": adamw, "adam": adam}[config.encoder_optimizer]
-    encoder_optimizer = encoder_class([g for g in groups if g["params"]], lr=config.lr_encoder, **loop)
+    encoder_optimizer = encoder_class([g for g in groups if g["params"]] or [{"params": []}], lr=config.lr_encoder, **loop)
     classifier, lr, decay = network.classifier.parameters(), config.lr_classifier, config.weight_decay_classifier
     if config.classifier_optimizer == "sgd":
         return [encoder_optimizer, torch.optim.SGD(classifier, lr=lr, momentum=0.9, weight_decay=decay, **loop)]

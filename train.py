@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import caches
 import checkpoint
 import data
 import dst
@@ -128,6 +129,8 @@ def set_up(config, source, xmc, clusters, device, rank=0, world=1):
         # memory (DDP must see autograd deliver each gradient, to average it)
         network.classifier.grad_in_place = world == 1
         network.loss_in_runs = config.loss_in_runs
+    if config.freeze_encoder:
+        network.encoder.requires_grad_(False)
     if config.compile:
         network.encoder.compile()  # in place: the state dict keeps its names
     replica = network
@@ -229,7 +232,8 @@ def optimizer_step(config, state):
             state.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(state.network.parameters(), config.clip_grad)
     for optimizer, scheduler in zip(state.optimizers, state.schedulers):
-        state.scaler.step(optimizer)  # skipped, when the scaler finds non-finite gradients
+        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):  # (frozen: none)
+            state.scaler.step(optimizer)  # skipped, when the scaler finds non-finite gradients
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     if state.scaler.is_enabled():
@@ -247,15 +251,17 @@ def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
     totals, rewired, skipped = torch.zeros(3, dtype=torch.float64), 0, state.skipped_steps
     batches = data.batches(split, config.batch_size // state.world, shuffle=True, seed=config.seed, epoch=epoch,
                            tokens=tokens, rank=state.rank, world=state.world, even=True, rows=rows)
-    progress = tqdm(batches, total=state.batches_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                    mininterval=1.0, disable=None if state.rank == 0 else True, leave=False)
+    # counted in documents (of all processes), so that its rate is documents per second
+    progress = tqdm(total=len(rows) - len(rows) % state.world, desc=f"epoch {epoch + 1}/{config.epochs}", unit="doc",
+                    unit_scale=True, mininterval=1.0, disable=None if state.rank == 0 else True, leave=False)
     since, since_totals, since_number = time.time(), totals.clone(), 0  # where the last step record left off
-    for number, batch in enumerate(progress, start=1):
+    for number, batch in enumerate(batches, start=1):
         before = (number - 1) // config.grad_accum * config.grad_accum  # batches of the epoch before this window
         window = min(config.grad_accum, state.batches_per_epoch - before)
         s, losses, step_rewired = train_step(config, state, batch.to(device), device, window, number - before == window)
         totals, rewired = totals + losses.cpu(), rewired + step_rewired
         progress.set_postfix(loss=f"{totals[0] / number:.4g}", s=f"{s:.2f}", refresh=False)
+        progress.update(batch.size * state.world)
         if config.log_every and state.batches_done % config.log_every == 0:
             record = checkpoint.step_record(config, state, epoch, s, totals - since_totals, number - since_number,
                                             time.time() - since, device)
@@ -264,6 +270,7 @@ def train_epoch(config, state, epoch, split, rows, tokens, device, run_log):
                 progress.write(f"batch {state.batches_done}: loss {record['loss']:.4g}, "
                                f"{record['ms_per_batch']:.0f} ms/batch, {record['documents_per_s']:.0f} documents/s")
             since, since_totals, since_number = time.time(), totals.clone(), number
+    progress.close()
     loss, main_loss, aux_loss = (totals / state.batches_per_epoch).tolist()
     return {"loss": loss, "main": main_loss, "aux": aux_loss, "rewired": rewired, "aux_weight": s,
             "skipped_steps": state.skipped_steps - skipped}
@@ -319,6 +326,29 @@ def load_data(config, out, rank, world):
     return source, xmc, clusters, tokens or {"train": None, "test": None}, seconds
 
 
+def frozen_outputs(config, encoder, tokens, cache_dir, device):
+    """--freeze-encoder: the pooled outputs of every document, in a cache beside the token ids,
+    keyed by the encoder's name, pooling and weights (their sums: a cheap check, not a hash)."""
+    key = (config.encoder, config.pooling, [float(p.double().sum()) for p in encoder.parameters()])
+    encoder.eval()
+
+    def encode(batch_tokens):
+        with torch.no_grad():
+            return encoder.pool({name: t.to(device) for name, t in batch_tokens.items()})
+    return {split: caches.pooled_cache(rows, encode, encoder.out_features, key, cache_dir) for split, rows in tokens.items()}
+
+
+def start_from_data(config, network, xmc, train_tokens, device):
+    """--classifier-init centroids (model.start_from_centroids), from the classifier's inputs of
+    the training documents it fits, with dropout off."""
+    fit, network = xmc.fit_rows(), network.eval()
+    with torch.no_grad():
+        hidden = torch.cat([network.inputs(batch.to(device))[1].cpu() for batch in
+                            data.batches(xmc.train, config.eval_batch_size, tokens=train_tokens, rows=fit)])
+    label_offsets, positions = data.csr_rows(xmc.train.label_offsets, fit)
+    network.start_from_centroids(hidden, data.owners(label_offsets), data.as_long(xmc.train.label_ids[positions]))
+
+
 def evaluate_splits(config, state, xmc, tokens, device):
     """P@k, nDCG@k, PSP@k on the test split, and under "validation" on the validation split when one
     is held out (under torchrun: each rank scores a share)."""
@@ -344,6 +374,10 @@ def train_and_evaluate(config, rank, world, device):
     source, xmc, clusters, tokens, seconds = load_data(config, out, rank, world)
     config = lengthened(config, len(xmc.fit_rows()), world)  # --min-steps
     state = set_up(config, source, xmc, clusters, device, rank, world)
+    if config.freeze_encoder:  # its outputs, computed once, instead of its token ids
+        tokens = frozen_outputs(config, state.network.encoder, tokens, caches.cache_dir(xmc, out), device)
+    if config.classifier_init == "centroids" and not config.resume:
+        start_from_data(config, state.network, xmc, tokens["train"], device)
     if config.dry_run:
         return dry_run(xmc, state, tokens, seconds, device)
     epochs_done = checkpoint.resume(out, state, config) if config.resume else 0

@@ -307,6 +307,14 @@ def detect(folder, format="auto", prefer_text=False):
     raise data.DataError(f"no data set in {folder}: expected {EXPECTED}. {where_from}")
 
 
+def count_text_labels(folder):
+    """Distinct labels of a folder's raw-text training split (0 without one): config's folder defaults."""
+    files = layout_files(Path(folder), "raw")
+    if not all(files.values()):
+        return 0
+    return len({name for _, line in read_lines(files["train_labels"]) for name in line.split()})
+
+
 def locate(name, data_dir="data"):
     """Where a data set is: "synthetic" (generated), or the absolute path of a named data set's
     folder under data_dir, or of `name` itself when it is a path."""

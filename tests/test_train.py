@@ -19,7 +19,7 @@ import optimizers
 import train
 import caches
 from config import Config, parse_config
-from conftest import SPLITS, build_model, refuse_to_open, tiny_bert, write_data_set
+from conftest import SPLITS, TINY, build_model, refuse_to_open, tiny_bert, write_data_set
 from test_config import PAPER
 
 
@@ -28,6 +28,25 @@ def test_aux_weight_decays_by_cosine_then_stops():
     assert train.aux_weight(config, 0) == pytest.approx(0.4)
     assert train.aux_weight(config, 7.5) == pytest.approx(0.2)
     assert train.aux_weight(config, 15) == 0.0 and train.aux_weight(config, 40) == 0.0
+
+
+def test_the_progress_bar_counts_documents(tiny, monkeypatch):
+    """Its rate is documents per second: it counts every training document of an epoch once."""
+    bars = []
+
+    class Spy(train.tqdm):
+        def __init__(self, *args, **kwargs):  # (a bar without a terminal is disabled: keep what it was given)
+            super().__init__(*args, **kwargs)
+            self.counted, self.given = 0, kwargs
+            bars.append(self)
+
+        def update(self, n=1):
+            self.counted += n
+            return super().update(n)
+    monkeypatch.setattr(train, "tqdm", Spy)
+    train.run(dataclasses.replace(tiny, epochs=2))
+    assert len(bars) == 2 and all(bar.given["unit"] == "doc" and bar.counted == bar.given["total"] == TINY["num_train"]
+                              for bar in bars)
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -227,6 +246,36 @@ def test_transformer_encoder_on_raw_text(text_folder, tmp_path, monkeypatch):
     state = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert evaluate.predict(state, tmp_path / "run", ["red apple", "blue sea"], 2, 8, "cpu", "new")[0].split()[0] \
         .split(":")[0] in xmc.label_names
+
+
+def test_a_frozen_encoder_is_computed_once_and_read_from_its_cache(text_folder, tmp_path, monkeypatch):
+    """--freeze-encoder: every document's pooled output is computed once (batches of similar
+    lengths) into a cache beside the token ids, each row the encoder's own output for that document
+    alone; training leaves the encoder's weights as they were and reads the cache, which a second
+    run finds; evaluate.py, which runs the encoder itself, gives the run's metrics. With
+    --classifier-init centroids, no intermediate layer and no aux loss, nothing but the classifier trains."""
+    folder, encoder = text_folder
+    run = Config(data=str(folder), format="raw", encoder=str(encoder), max_length=8, pooling="mean",
+                 out=str(tmp_path / "run"), epochs=2, batch_size=16, fan_in=8, intermediate=0, aux_weight=0.0,
+                 warmup_steps=2, freeze_encoder=True, classifier_init="centroids", dropout=0.0)
+    results = train.run(run)
+    original = model.TransformerEncoder(str(encoder), "mean").eval()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["network"]
+    for name, weights in original.state_dict().items():
+        assert torch.equal(saved[f"encoder.{name}"], weights), name
+    tokens = {len(a): a for a in map(np.load, folder.glob("tokens_*.npy"))}
+    cached = {len(a): a for a in map(np.load, folder.glob("pooled_*.npy"))}
+    assert sorted(cached) == sorted(tokens) == [20, 60]
+    for count, rows in tokens.items():
+        with torch.no_grad():
+            alone = torch.cat([original.pool(data.token_batch(rows, [i])) for i in range(count)])
+        torch.testing.assert_close(torch.from_numpy(cached[count]), alone, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(caches, "pooled_cache", None)  # evaluate.py runs the encoder itself...
+    network, xmc, batches, _ = evaluate.load_for_evaluation(tmp_path / "run" / "checkpoint.pt", 7, "cpu")
+    assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results, abs=1e-6)
+    monkeypatch.undo()
+    monkeypatch.setattr(model.TransformerEncoder, "pool", None)  # ...and a second run only reads the cache
+    assert train.run(dataclasses.replace(run, out=str(tmp_path / "again"))) == results
 
 
 def test_dry_run_prepares_everything_reports_and_trains_nothing(text_folder, tmp_path, monkeypatch, capsys):
