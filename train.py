@@ -232,8 +232,10 @@ def optimizer_step(config, state):
             state.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(state.network.parameters(), config.clip_grad)
     for optimizer, scheduler in zip(state.optimizers, state.schedulers):
-        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):  # (frozen: none)
+        if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
             state.scaler.step(optimizer)  # skipped, when the scaler finds non-finite gradients
+        else:  # nothing to update (a frozen encoder's optimizer), and a scaler would find no gradient to check
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     if state.scaler.is_enabled():
