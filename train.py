@@ -376,8 +376,9 @@ def train_and_evaluate(config, rank, world, device):
     source, xmc, clusters, tokens, seconds = load_data(config, out, rank, world)
     config = lengthened(config, len(xmc.fit_rows()), world)  # --min-steps
     state = set_up(config, source, xmc, clusters, device, rank, world)
-    if config.freeze_encoder:  # its outputs, computed once, instead of its token ids
-        tokens = frozen_outputs(config, state.network.encoder, tokens, caches.cache_dir(xmc, out), device)
+    if config.freeze_encoder:  # its outputs, computed once (by rank 0 first), instead of its token ids
+        with processes.rank_zero_first(rank, world):
+            tokens = frozen_outputs(config, state.network.encoder, tokens, caches.cache_dir(xmc, out), device)
     if config.classifier_init == "centroids" and not config.resume:
         start_from_data(config, state.network, xmc, tokens["train"], device)
     if config.dry_run:
