@@ -1,13 +1,14 @@
 """The model (paper, Section 3 and Figure 1): encoder -> (intermediate layer) -> classifier, plus the
 auxiliary meta-classifier.
 
-  encoder        a pretrained transformer (the paper: bert-base-uncased) or a small bag-of-words
-                 encoder that trains from scratch on a CPU;
+  encoder        a pretrained transformer (the paper: bert-base-uncased; or frozen, its pooled
+                 outputs computed once) or a small bag-of-words encoder that trains from scratch;
   intermediate   optional dense layer W (e.g. 4096 wide): a sparse classifier passes little
                  gradient back to the encoder, a wide dense layer in between restores it. Linear
                  (as in the release) unless an activation is asked for; its output is cast to
                  float32, so the classifier computes in float32 under mixed precision;
-  classifier     FixedFanInLinear (sparse, the paper's) or nn.Linear (the dense baseline);
+  classifier     FixedFanInLinear (sparse, the paper's) or nn.Linear (the dense baseline), from a
+                 random start (the release's) or from each label's centroid (start_from_centroids);
   meta           a small dense head from the encoder output to the label clusters; its loss
                  feeds the encoder with gradient while the sparse classifier is still poor, and
                  train.py switches it off partway through training.
