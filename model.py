@@ -187,6 +187,12 @@ def _bce(z, y):  # -log(sigmoid(y z)): softplus(z) - z for y = +1, softplus(z) f
     return F.softplus(z).sum(), torch.sigmoid(z)
 
 
+def _as_positives(at_positives, per_label):
+    """The positives' scores counted as positives, not negatives: (the change to the loss, their slope)."""
+    (as_negative, _), (as_positive, slope) = per_label(at_positives, -1), per_label(at_positives, +1)
+    return as_positive - as_negative, slope
+
+
 class _LabelLoss(torch.autograd.Function):
     """scale * (sum over (b, l) of the per-label loss), every label taken as a negative, then the
     positives' terms swapped; the slope is written chunk by chunk as the loss is summed, into a
@@ -204,8 +210,8 @@ class _LabelLoss(torch.autograd.Function):
             value, slope = per_label(scores[:, start:start + step].float(), -1)
             total += value
             slopes[:, start:start + step] = slope
-        (as_negative, _), (as_positive, slope) = per_label(at_positives, -1), per_label(at_positives, +1)
-        total += as_positive - as_negative
+        swapped, slope = _as_positives(at_positives, per_label)
+        total += swapped
         slopes[rows, labels] = slope.to(slopes.dtype)
         ctx.save_for_backward(slopes)
         ctx.scale, ctx.used = scale, False
@@ -295,9 +301,8 @@ def label_loss_in_runs(classifier, hidden, name, rows, labels):
         local, batch_rows = labels[lo:hi] - start, rows[lo:hi]
         at_positives = zT[local, batch_rows].float()
         value, slope = per_label(zT.float(), -1)  # every label a negative, then the positives swapped
-        (as_negative, _), (as_positive, positive_slope) = per_label(at_positives, -1), per_label(at_positives, +1)
-        slope[local, batch_rows] = positive_slope
-        return value + (as_positive - as_negative), slope.to(zT.dtype)
+        swapped, slope[local, batch_rows] = _as_positives(at_positives, per_label)
+        return value + swapped, slope.to(zT.dtype)
 
     return classifier(hidden, terms, _scale(reduction, len(hidden) * classifier.out_features))
 
