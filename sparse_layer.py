@@ -13,10 +13,9 @@ feature, so that gathering the features of a label reads whole rows):
   * "torch": library ops on the CPU or any GPU, none of which builds a dense [L, D] matrix or an
     [L, k, B] tensor: embedding_bag for the forward pass and grad-x, sampled_addmm for grad-w;
   * "cuda": the kernels of kernels.cu, chosen, compiled and launched by cuda_launch.py (CudaOps,
-    cupy, NVRTC): the tiled forward and grad-w kernels where a tile of xT fits in shared memory
-    and grad-x as a gather over the transposed connectivity, the simple kernels otherwise
-    ("cuda-simple": the simple, correct-first kernels always, to compare).
-"auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise.
+    cupy, NVRTC); "cuda-simple": the simple, correct-first kernels always, to compare.
+"auto" picks "cuda" for GPU tensors when cupy is installed, "torch" otherwise. Beyond the paper,
+group_size G > 1 lets G labels share a row of indices (HASTE; grouped.py, torch ops everywhere).
 
 The input gradient reads the connectivity the other way round (for every input feature, the
 (label, slot) pairs that read it). transpose_connectivity builds that transposed copy with one
@@ -34,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cuda_launch import KERNEL_TYPES, CudaOps, SimpleCudaOps, cupy_available
+from grouped import GroupedFanIn, expand_to_labels, group_means
 
 # Largest temporary of random_distinct_indices ([rows, D] random scores) and of the torch backend's
 # grad-w on a GPU ([labels, k, B] gathered inputs) built at once, by device type.
@@ -152,9 +152,8 @@ class TorchOps:
 
     @staticmethod
     def grad_weight_gathered(grad_yT, xT, indices):
-        """grad-w on GPUs: x gathered for a chunk of labels into [c, k, B], multiplied and summed.
-        (sampled_addmm gave wrong 16-bit results inside this layer in a GPU test, 2026-11-28, and
-        right ones when called alone; until that is understood, GPUs keep this path.)"""
+        """grad-w on GPUs: x gathered for a chunk of labels into [c, k, B], multiplied and summed
+        (sampled_addmm gave wrong 16-bit results inside this layer in a GPU test, 2026-11-28)."""
         acc = torch.promote_types(xT.dtype, torch.float32)
         (labels, fan_in), batch = indices.shape, xT.shape[1]
         grad_weight = torch.empty(labels, fan_in, dtype=xT.dtype, device=xT.device)
@@ -171,11 +170,10 @@ class TorchOps:
 
 class _FixedFanIn(torch.autograd.Function):
     """y = fixed fan-in product of x[B, D] plus bias; differentiable in x, weight and bias, not in
-    indices. The backends compute yT[L, B]; y is its transpose, a view (`contiguous` False: the
-    elementwise ops of a loss keep that layout, so the gradient arrives as [L, B] again and needs no
-    transposing copy) or a contiguous [B, L] copy, as nn.Linear returns. `cache` keeps the transposed
-    connectivity by ops: built in the backward pass only if grad-x is needed, and only once for as
-    long as a module keeps its cache (None: built a run of labels at a time, `_grad_input`).
+    indices. The backends compute yT[L, B]; y is its transpose, a view (`contiguous` False: a loss's
+    elementwise ops keep that layout, so the gradient arrives as [L, B], with no transposing copy) or
+    a contiguous [B, L] copy, as nn.Linear returns. `cache` keeps the transposed connectivity by ops,
+    built in the backward pass if grad-x is needed (None: a run of labels at a time, `_grad_input`).
     `grad_into`: a parameter whose existing .grad grad-w is added into in place, a block of labels
     at a time, instead of being returned (autograd would hold it beside that .grad to add it: a
     second [L, k] when gradients accumulate over batches); the sums are the same bits."""
@@ -208,8 +206,7 @@ class _FixedFanIn(torch.autograd.Function):
         return grad_x, grad_weight, None, grad_bias, None, None, None, None
 
 
-def _labels_a_run(ops, device, fan_in):
-    """Labels of a run of _grad_input and _FixedFanInLoss: labels_a_sort of the chunks `ops` read."""
+def _labels_a_run(ops, device, fan_in):  # of _grad_input and _FixedFanInLoss: labels_a_sort of `ops`' chunks
     return labels_a_sort(ops.labels_per_chunk(device) or 1, fan_in)
 
 
@@ -301,7 +298,7 @@ def _resolve_backend(backend, x):
 
 
 def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indices=True, cache=None,
-                       contiguous=True, grad_into=None, terms=None, scale=1.0):
+                       contiguous=True, grad_into=None, terms=None, scale=1.0, group_size=1):
     """y[..., l] = sum_j weight[l, j] * x[..., indices[l, j]] + bias[l].
 
     Any in-range indices are allowed, duplicates within a row included (they add up); out-of-range
@@ -315,15 +312,17 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     place (_FixedFanIn); its gradient hooks do not run then, so not under DistributedDataParallel.
     terms: a loss of the scores instead of the scores, scale * the sum of terms(start, yT)[0] over
     runs of labels (_FixedFanInLoss; model.label_loss_in_runs), over the rows of x; `cache` unused.
+    group_size G > 1: indices [ceil(L / G), k], label l reading row l // G (grouped.py; no `terms`).
     """
     # Every wrong argument is a one-line ValueError here, never a wrong result or a kernel's fault.
     if x.dim() < 1 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor [..., D], got {x.dtype} of shape {tuple(x.shape)}")
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a floating-point [L, k] tensor, got {weight.dtype} {tuple(weight.shape)}")
-    if indices.shape != weight.shape or indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"indices must be int32/int64 of weight's shape {tuple(weight.shape)}, "
-                         f"got {indices.dtype} {tuple(indices.shape)}")
+    rows = (-(-weight.shape[0] // group_size), weight.shape[1])  # a row per group of labels (G = 1: per label)
+    if indices.shape != rows or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32/int64 of shape {rows} (weight {tuple(weight.shape)}, groups of "
+                         f"{group_size}), got {indices.dtype} {tuple(indices.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     tensors = [t for t in (x, weight, indices, bias) if t is not None]
@@ -340,11 +339,13 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
     indices = indices.to(torch.int32).contiguous()
     # The backends always add a bias (in the kernels, before rounding); a zero one costs L reads.
     bias = torch.zeros(weight.shape[0], device=x.device) if bias is None else bias
+    weight, bias = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()
+    if group_size > 1 and terms is not None:
+        raise ValueError("a loss in runs of labels (terms) needs group_size 1")
     if terms is not None:
-        return _FixedFanInLoss.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
-                                     terms, scale, grad_into)
-    y = _FixedFanIn.apply(x2d, weight.to(x.dtype).contiguous(), indices, bias.to(x.dtype).contiguous(), ops,
-                          cache, contiguous, grad_into)
+        return _FixedFanInLoss.apply(x2d, weight, indices, bias, ops, terms, scale, grad_into)
+    y = (GroupedFanIn.apply(x2d, weight, indices, bias, group_size, contiguous, grad_into) if group_size > 1
+         else _FixedFanIn.apply(x2d, weight, indices, bias, ops, cache, contiguous, grad_into))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -352,11 +353,8 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
 # The module.
 
 def random_distinct_indices(rows, in_features, fan_in, generator=None, device=None):
-    """[rows, fan_in] int32: in every row, fan_in distinct features drawn uniformly at random.
-
-    The top-k of i.i.d. uniform scores is a uniform random k-subset; rows are drawn in chunks so
-    that no [rows, in_features] matrix is ever built whole.
-    """
+    """[rows, fan_in] int32: in every row, fan_in distinct features drawn uniformly at random (the
+    top-k of i.i.d. uniform scores), in chunks of rows: no [rows, in_features] matrix is built whole."""
     out = torch.empty(rows, fan_in, dtype=torch.int32, device=device)
     step = max(1, CHUNK_ELEMENTS.get(out.device.type, CHUNK_ELEMENTS["cpu"]) // max(1, in_features))
     for start in range(0, rows, step):
@@ -368,13 +366,11 @@ def random_distinct_indices(rows, in_features, fan_in, generator=None, device=No
 
 class FixedFanInLinear(nn.Module):
     """A linear layer in which each of `out_features` outputs reads `fan_in` of the inputs.
-
-    Parameters: weight [L, k] and bias [L]; buffer: indices [L, k] (int32, distinct per row).
-    Initialised as in the official release: weight U(-1/sqrt(k), 1/sqrt(k)), bias zero.
-    """
+    Parameters: weight [L, k] and bias [L]; buffer: indices [L, k] (int32, distinct per row; groups
+    of G labels: [ceil(L / G), k]). Initialised as the release: weight U(-1/sqrt(k), 1/sqrt(k)), bias 0."""
 
     def __init__(self, in_features, out_features, fan_in, bias=True, backend="auto", generator=None,
-                 contiguous_output=True):
+                 contiguous_output=True, group_size=1):
         super().__init__()
         self.contiguous_output = contiguous_output  # False: a transposed view (fixed_fanin_linear's `contiguous`)
         if not 1 <= fan_in <= in_features:
@@ -383,10 +379,13 @@ class FixedFanInLinear(nn.Module):
             raise ValueError(f"out_features must be >= 1, got {out_features}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")  # (G > 1: HASTE's groups, grouped.py)
         self.in_features, self.out_features, self.fan_in, self.backend = in_features, out_features, fan_in, backend
+        self.group_size, groups = group_size, -(-out_features // group_size)
         self.weight = nn.Parameter(torch.empty(out_features, fan_in))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.register_buffer("indices", random_distinct_indices(out_features, in_features, fan_in, generator))
+        self.register_buffer("indices", random_distinct_indices(groups, in_features, fan_in, generator))
         self.reset_parameters(generator)
         self._checked_indices = None  # (address, version) of the indices last found in range
         self._transposed = {}  # the transposed connectivity of those indices, by backend ops (cache)
@@ -405,9 +404,8 @@ class FixedFanInLinear(nn.Module):
         (fixed_fanin_linear), the scores never held whole: labels_a_run(x) labels a run."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        # Check the indices' range, and forget their transposed copy, only after they changed
-        # (rewiring, loading, moving): the check reads all of them and syncs with the GPU, which
-        # cost more than the forward kernel itself, and the copy takes a sort to build.
+        # Check the indices' range, and forget their transposed copy, only after they changed (a
+        # rewire, a load, a move): the check syncs with the GPU, and the copy takes a sort to build.
         version = (self.indices.data_ptr(), self.indices._version)
         changed = version != self._checked_indices
         if changed or not self.keep_slots_by_input:
@@ -415,7 +413,7 @@ class FixedFanInLinear(nn.Module):
         y = fixed_fanin_linear(x, self.weight, self.indices, self.bias, self.backend,
                                check_indices=changed, cache=self._transposed if self.keep_slots_by_input else None,
                                contiguous=self.contiguous_output, grad_into=self.weight if self.grad_in_place else None,
-                               terms=terms, scale=scale)
+                               terms=terms, scale=scale, group_size=self.group_size)
         self._checked_indices = version
         return y
 
@@ -424,27 +422,29 @@ class FixedFanInLinear(nn.Module):
         return _labels_a_run(_resolve_backend(self.backend, x), x.device, self.fan_in)
 
     @classmethod
-    def from_dense(cls, linear, fan_in, backend="auto"):
+    def from_dense(cls, linear, fan_in, backend="auto", group_size=1):
         """The sparse layer that keeps, in each row of the nn.Linear `linear`, its fan_in weights of
-        largest |w| (ties: the lower input) and its bias: a dense model's classifier, to fine-tune
-        sparsely. On linear's device and dtype."""
+        largest |w| (ties: the lower input; groups of G > 1 labels: of largest mean |w|) and its
+        bias: a dense model's classifier, to fine-tune sparsely. On linear's device and dtype."""
         weight = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, fan_in, bias=linear.bias is not None, backend=backend)
-        kept = weight.abs().sort(dim=1, descending=True, stable=True).indices[:, :fan_in].sort(dim=1).values
+        layer = cls(linear.in_features, linear.out_features, fan_in, linear.bias is not None, backend, group_size=group_size)
+        magnitude = weight.abs() if group_size == 1 else group_means(weight.abs(), group_size)
+        kept = magnitude.sort(dim=1, descending=True, stable=True).indices[:, :fan_in].sort(dim=1).values
         layer = layer.to(weight.device, weight.dtype)
         with torch.no_grad():
             layer.indices.copy_(kept)
-            layer.weight.copy_(weight.gather(1, kept))
+            layer.weight.copy_(weight.gather(1, expand_to_labels(kept, group_size, len(weight))))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer
 
     def to_dense(self):
-        """The equivalent dense [L, D] weight matrix. For tests and teaching only: at XMC scale it
-        is exactly the memory this layer exists to avoid."""
+        """The equivalent dense [L, D] weight matrix: for tests and teaching only (at XMC scale, no)."""
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
-        return dense.scatter_add_(1, self.indices.long(), self.weight.detach())
+        indices = expand_to_labels(self.indices.long(), self.group_size, self.out_features)
+        return dense.scatter_add_(1, indices, self.weight.detach())
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"fan_in={self.fan_in}, bias={self.bias is not None}, backend={self.backend!r}")
+                f"fan_in={self.fan_in}, bias={self.bias is not None}, backend={self.backend!r}"
+                + (f", group_size={self.group_size}" if self.group_size > 1 else ""))
