@@ -12,6 +12,9 @@ matter to it. One rewire of a FixedFanInLinear (`rewire`):
                 that no stale momentum of a pruned weight flows into the new connection.
 RewireSchedule says when (every `interval` training batches until `last_batch`) and how much: a
 constant or cosine-decayed fraction, or a threshold decayed by a cosine to a floor.
+Beyond the paper, a layer of HASTE's groups (group_size G > 1: G labels share an index row) is
+rewired by row of indices: a shared slot's score is the mean of its G labels' scores, and a regrown
+slot starts at zero in all G rows of weights.
 
 `pruning_score` and `regrowth_score` are SET's two rules, each one line: the hooks of a fork that
 tries another criterion (README, "Where to hack"). DST acts on a FixedFanInLinear and its optimizer
@@ -21,6 +24,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from grouped import expand_to_labels, group_means
 
 # The regrowth draws a [rows, D] random matrix this many elements at a time, by device type: 16 MB
 # on the CPU; 64 MB on a GPU, where every chunk costs launches and a host sync (`int(...max())`),
@@ -108,19 +113,21 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global",
            generator=None, previous_regrown=None):
     """One SET step on a FixedFanInLinear (module docstring), vectorised over rows. Returns:
 
-    rewired:   how many connections were pruned and regrown;
-    regrown:   [L, k] bool mask of the regrown slots (pass it back as `previous_regrown`);
+    rewired:   how many connections were pruned and regrown (groups of G > 1 labels: shared slots);
+    regrown:   bool mask of the regrown slots, shaped as the indices (pass it back as `previous_regrown`);
     survived:  the fraction of the slots regrown by the previous step still alive (None if unknown).
     """
-    weight, indices, in_features = layer.weight, layer.indices, layer.in_features
+    weight, indices, in_features, group = layer.weight, layer.indices, layer.in_features, layer.group_size
     if optimizer is not None:
         check_optimizer(optimizer, weight, reset_state)
     score = pruning_score(weight, {} if optimizer is None else optimizer.state.get(weight, {}))
+    if group > 1:  # HASTE: a slot its group's G labels share goes by their mean score; rows below are groups
+        score = group_means(score, group)
     counts = prune_counts(score, fraction, threshold, scope, row_cap, free_inputs=in_features - layer.fan_in)
-    regrown = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    regrown = torch.zeros(indices.shape, dtype=torch.bool, device=weight.device)
     step = max(1, ROW_CHUNK_ELEMENTS.get(weight.device.type, ROW_CHUNK_ELEMENTS["cpu"]) // in_features)
-    for start in range(0, weight.shape[0], step):
-        rows = slice(start, min(start + step, weight.shape[0]))
+    for start in range(0, len(indices), step):
+        rows = slice(start, min(start + step, len(indices)))
         most = int(counts[rows].max())
         if most == 0:
             continue
@@ -135,10 +142,11 @@ def rewire(layer, optimizer=None, fraction=None, threshold=None, scope="global",
         # the n-th pruned slot of a row (in slot order) takes the row's n-th new input
         nth = (pruned.cumsum(dim=1) - 1).clamp(min=0)
         indices[rows] = torch.where(pruned, new_inputs.gather(1, nth).to(indices.dtype), indices[rows])
-        weight[rows] = weight[rows].masked_fill(pruned, 0.0)
+        labels = slice(start * group, min(rows.stop * group, len(weight)))  # (G = 1: the same rows)
+        weight[labels] = weight[labels].masked_fill(expand_to_labels(pruned, group, labels.stop - labels.start), 0.0)
         regrown[rows] = pruned
     if reset_state and optimizer is not None:  # 3. optimizer state: zeroed, or kept
-        reset_optimizer_state(optimizer, weight, regrown)
+        reset_optimizer_state(optimizer, weight, expand_to_labels(regrown, group, len(weight)))
     survived = None
     if previous_regrown is not None and previous_regrown.any():
         survived = float((previous_regrown & ~regrown).sum() / previous_regrown.sum())
