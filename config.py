@@ -59,6 +59,9 @@ class Config:
     sparse: bool = True  # fixed fan-in classifier (else dense nn.Linear)
     fan_in: int = 32
     backend: str = "auto"  # sparse layer backend: auto, torch, cuda, cuda-simple
+    group_size: int = 1  # HASTE, beyond the paper: G labels share an index row (1: the paper's layer)
+    grouping: str = "frequency"  # which labels share a row (G > 1): frequency, clusters (PIFA) or random
+    dense_head: float = 0.0  # HASTE: a dense layer scores this fraction of the labels, the most frequent
     # optimisation: two optimizers, as the release
     loss: str = "squared_hinge"  # squared_hinge, bce (summed over batch and labels, as the release) or bce_mean
     epochs: int = 6
@@ -110,12 +113,14 @@ class Config:
                    "classifier_optimizer": ("adamw", "sgd"), "rewire_scope": dst.SCOPES,
                    "rewire_fraction_schedule": ("constant", "cosine"), "no_decay": ("modules", "names"),
                    "lr_schedule_length": ("steps", "batches"),
-                   "optimizer_loop": ("auto", "foreach", "for-loop", "fused"), "classifier_init": ("random", "centroids")}
+                   "optimizer_loop": ("auto", "foreach", "for-loop", "fused"), "classifier_init": ("random", "centroids"),
+                   "grouping": model.GROUPINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf"):
+        for name in ("epochs", "batch_size", "grad_accum", "fan_in", "dim", "eval_every", "rewire_interval", "max_leaf",
+                     "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for flag in ("checkpoint_activations", "freeze_encoder"):
@@ -124,10 +129,20 @@ class Config:
         if self.loss_in_runs and (not self.sparse or self.keep_slots_by_input):
             raise ValueError("--loss-in-runs needs the sparse classifier and --no-keep-slots-by-input (it builds the "
                              "transposed connectivity a run of labels at a time)")
+        if not 0 <= self.dense_head < 1:
+            raise ValueError(f"--dense-head must be a fraction of the labels in [0, 1), got {self.dense_head}")
+        if (self.group_size > 1 or self.dense_head) and (not self.sparse or self.loss_in_runs):
+            raise ValueError("--group-size and --dense-head shape the sparse classifier: not with --no-sparse "
+                             "or --loss-in-runs")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be 0 (off) or a number of batches, got {self.log_every}")
         if self.wandb and importlib.util.find_spec("wandb") is None:
             raise ValueError("--wandb needs the wandb package: pip install wandb (or leave --wandb off)")
+
+    @property
+    def groups_by_clusters(self):
+        """HASTE's groups of labels read the PIFA clusters (as the aux loss's meta head does)."""
+        return self.group_size > 1 and self.grouping == "clusters"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +294,8 @@ def parse_config(argv=None):
     defaults = dict(PRESETS[preset] if preset else folder_defaults(name, given))
     if "epochs" in given:  # the epochs typed are the run's: no default --min-steps lengthens it
         defaults.pop("min_steps", None)
-    if given.get("sparse") is False or given.get("keep_slots_by_input"):  # what a preset's loss in runs excludes
+    if (given.get("sparse") is False or given.get("keep_slots_by_input") or given.get("group_size", 1) > 1
+            or given.get("dense_head")):  # what a preset's loss in runs excludes
         defaults.pop("loss_in_runs", None)
     config = Config(**{**defaults, **given})
     return dataclasses.replace(config, out=config.out or f"runs/{xc_files.name_of(config.data)}")

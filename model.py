@@ -16,7 +16,8 @@ The losses (Section 4) come last: the main loss over all labels, and the meta-cl
 take any [B, L] scores, in either layout, with their positives as (rows, labels) lists; positives_of
 makes those from a dense or sparse 0/1 target, so a forker's own model can use them. With
 `loss_in_runs`, the sparse classifier computes its scores and the main loss a run of labels at a
-time (label_loss_in_runs): the [B, L] scores are never whole.
+time (label_loss_in_runs): the [B, L] scores are never whole. Beyond the paper, HASTE's classifier
+(groups of labels sharing index rows, a dense head over the frequent labels) is an option here too.
 """
 import inspect
 
@@ -82,19 +83,74 @@ ACTIVATIONS = {"none": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def build(encoder, num_features, num_labels, *, num_clusters, dim, dropout, pooling, intermediate,
-          intermediate_activation, sparse, fan_in, backend, pretrained=True):
+          intermediate_activation, sparse, fan_in, backend, pretrained=True, group_size=1, head=0):
     """The model from plain arguments (train.py stores them in checkpoints for evaluate.py).
     encoder: "bow" for the bag-of-words encoder, else a transformers model name or folder."""
     if encoder == "bow":
         body = BagOfWordsEncoder(num_features, dim, dropout)
     else:
         body = TransformerEncoder(encoder, pooling, dropout, pretrained)
-    return XMCModel(body, num_labels, num_clusters, intermediate, intermediate_activation, sparse, fan_in, backend)
+    return XMCModel(body, num_labels, num_clusters, intermediate, intermediate_activation, sparse, fan_in, backend,
+                    group_size, head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the paper: its successor HASTE's classifier (arXiv 2606.01117). Groups of G labels share
+# an index row (FixedFanInLinear's group_size) and a dense head scores the most frequent labels
+# (HeadAndTail), both over the labels in an order of the classifier's own (label_order), which the
+# model undoes: its scores, and the labels its losses take, are in the data's order.
+
+GROUPINGS = ("frequency", "clusters", "random")
+
+
+def label_order(grouping, counts, clusters=None, head=0, seed=0):
+    """[L]: position p of the classifier scores label order[p]. The `head` most frequent labels
+    first (the dense head's), then the rest, of which G consecutive positions form a group: by
+    training frequency (HASTE's released configs), by PIFA cluster (the aux loss's leaves, in the
+    tree's order, cut into groups and filled from the next leaf), or at random (seeded)."""
+    by_frequency = torch.sort(counts, descending=True, stable=True).indices  # ties: the lower label first
+    rest = by_frequency[head:]
+    if grouping == "clusters":
+        rest = rest[torch.sort(clusters[rest], stable=True).indices]
+    elif grouping == "random":
+        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))]
+    return torch.cat([by_frequency[:head], rest])
+
+
+def head_size(fraction, labels, group_size):
+    """Labels of the dense head: `fraction` of them, a multiple of G (HASTE), and fewer than L."""
+    return min(group_size * round(fraction * labels / group_size), labels - 1)
+
+
+class HeadAndTail(nn.Module):
+    """A dense nn.Linear for the first `head` positions (the most frequent labels) beside a sparse
+    FixedFanInLinear of groups of G for the rest (the tail), their scores side by side [B, L]:
+    HASTE's alternative to the auxiliary loss, the head gives the encoder dense gradient."""
+
+    def __init__(self, width, labels, head, fan_in, group_size, backend):
+        super().__init__()
+        self.head = nn.Linear(width, head)
+        self.tail = FixedFanInLinear(width, labels - head, fan_in, backend=backend, group_size=group_size,
+                                     contiguous_output=False)
+        self.in_features, self.out_features = width, labels
+
+    def forward(self, x):
+        return torch.cat([self.head(x), self.tail(x)], dim=1)
+
+
+def _start_from_rows(layer, weight, bias):
+    """A classifier layer (dense, or sparse: from_dense's choice of inputs) started from dense rows."""
+    dense = nn.Linear(weight.shape[1], len(weight))
+    dense.weight.copy_(weight)
+    dense.bias.copy_(bias)
+    if isinstance(layer, FixedFanInLinear):
+        dense = FixedFanInLinear.from_dense(dense, layer.fan_in, group_size=layer.group_size)
+    layer.load_state_dict({k: v.to(layer.weight.device) for k, v in dense.state_dict().items()})
 
 
 class XMCModel(nn.Module):
     def __init__(self, encoder, num_labels, num_clusters, intermediate, intermediate_activation, sparse, fan_in,
-                 backend):
+                 backend, group_size=1, head=0):
         super().__init__()
         self.encoder = encoder
         width = encoder.out_features
@@ -105,14 +161,29 @@ class XMCModel(nn.Module):
         if sparse and fan_in > width:  # a label cannot read more distinct inputs than there are
             raise ValueError(f"--fan-in {fan_in} is larger than the classifier's {width} inputs (the encoder's width, "
                              f"or --intermediate): choose at most {width}, or --no-sparse for a dense classifier")
-        if sparse:
+        if sparse and head:
+            self.classifier = HeadAndTail(width, num_labels, head, fan_in, group_size, backend)
+        elif sparse:
             # a transposed view of the scores: the lean losses below take either layout, and this one
             # saves the two transposing copies a contiguous [B, L] result costs (README: measured)
-            self.classifier = FixedFanInLinear(width, num_labels, fan_in, backend=backend, contiguous_output=False)
+            self.classifier = FixedFanInLinear(width, num_labels, fan_in, backend=backend, contiguous_output=False,
+                                               group_size=group_size)
         else:
             self.classifier = nn.Linear(width, num_labels)
         self.meta = nn.Linear(encoder.out_features, num_clusters) if num_clusters else None
         self.loss_in_runs = False  # True (a sparse classifier): its loss a run of labels at a time, never [B, L]
+        # where each label sits in the classifier's order (HASTE's): [L], or None (the data's order)
+        self.register_buffer("label_position", torch.arange(num_labels) if sparse and (group_size > 1 or head) else None)
+
+    def set_label_order(self, order):
+        """The classifier's order of the labels (label_order): label order[p] at position p."""
+        self.label_position.copy_(torch.argsort(order))
+
+    @property
+    def sparse_classifier(self):
+        """The FixedFanInLinear that SET rewires (a HeadAndTail's tail), or None (a dense classifier)."""
+        return self.classifier.tail if isinstance(self.classifier, HeadAndTail) else (
+            self.classifier if isinstance(self.classifier, FixedFanInLinear) else None)
 
     def forward(self, batch, with_meta=False, loss=None):
         """Label scores [B, L], and the cluster scores [B, C] when asked (and a meta head exists).
@@ -121,7 +192,10 @@ class XMCModel(nn.Module):
         features, hidden = self.inputs(batch)
         meta_scores = self.meta(features) if with_meta and self.meta is not None else None
         if loss is None:
-            return self.classifier(hidden), meta_scores
+            scores = self.classifier(hidden)  # in the data's order of labels, from the classifier's
+            return scores if self.label_position is None else scores.index_select(1, self.label_position), meta_scores
+        if self.label_position is not None:  # the loss sums over all labels: only the positives move
+            loss = (loss[0], loss[1], self.label_position[loss[2]])
         if self.loss_in_runs:
             return label_loss_in_runs(self.classifier, hidden, *loss), meta_scores
         return LOSSES[loss[0]](self.classifier(hidden), *loss[1:], overwrite=True), meta_scores
@@ -138,15 +212,16 @@ class XMCModel(nn.Module):
         input norm long, and every bias -scale * offset. With a median of 9 documents a label
         (yso-finna-en-100k), where training starts decides more than how long it runs (README).
         A sparse classifier keeps each centroid's fan_in coordinates of largest |w|, as from_dense."""
-        sums = torch.zeros(self.classifier.out_features, hidden.shape[1]).index_add_(0, labels, hidden[rows].float())
+        positions = labels if self.label_position is None else self.label_position.cpu()[labels]
+        sums = torch.zeros(self.classifier.out_features, hidden.shape[1]).index_add_(0, positions, hidden[rows].float())
         length = scale / hidden.norm(dim=1).mean().clamp(min=1e-12)
-        centroids = nn.Linear(hidden.shape[1], self.classifier.out_features)
-        centroids.weight.copy_(F.normalize(sums, dim=1) * length)
-        centroids.bias.fill_(-scale * offset)
-        if isinstance(self.classifier, FixedFanInLinear):
-            centroids = FixedFanInLinear.from_dense(centroids, self.classifier.fan_in)
-        device = self.classifier.weight.device
-        self.classifier.load_state_dict({k: v.to(device) for k, v in centroids.state_dict().items()})
+        weight, bias = F.normalize(sums, dim=1) * length, torch.full((len(sums),), -scale * offset)
+        if isinstance(self.classifier, HeadAndTail):  # the head's rows dense, the tail's after them
+            head = self.classifier.head.out_features
+            _start_from_rows(self.classifier.head, weight[:head], bias[:head])
+            _start_from_rows(self.classifier.tail, weight[head:], bias[head:])
+        else:
+            _start_from_rows(self.classifier, weight, bias)
 
     def classifier_bytes(self, optimizer_slots=2):
         """Bytes of the classifier's parameters (+ indices) and their optimizer state (AdamW: 2

@@ -22,8 +22,7 @@ gathered, and only rank 0 prints and writes.
 
     python train.py                                   # the embedded synthetic data set, CPU, half a minute
     python train.py --data ../shared/data/delicious   # any folder in the XC repository's formats
-    python train.py --data amazon670k --data-dir data # the paper's setting (GPU)
-    torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # 4 GPUs, same global batch
+    torchrun --nproc_per_node 4 train.py --data amazon670k --data-dir data   # the paper's setting, 4 GPUs
 """
 import contextlib
 import dataclasses
@@ -112,22 +111,28 @@ class TrainingState:
 def set_up(config, source, xmc, clusters, device, rank=0, world=1):
     """The TrainingState of a new run: the model (in DDP under torchrun), its optimizers and their
     learning-rate schedules, the rewiring schedule, the loss scaler, what checkpoints record."""
-    clusters = None if clusters is None else clusters.to(device)
+    grouping_clusters = clusters  # (loaded for the label groups alone when the aux loss is off: no meta head)
+    clusters = None if clusters is None or config.aux_weight == 0 and config.groups_by_clusters else clusters.to(device)
+    head = model.head_size(config.dense_head, xmc.num_labels, config.group_size) if config.dense_head else 0
     arguments = dict(encoder=config.encoder, num_features=xmc.num_features, num_labels=xmc.num_labels,
                      num_clusters=0 if clusters is None else int(clusters.max()) + 1, dim=config.dim,
                      dropout=config.dropout, pooling=config.pooling, intermediate=config.intermediate,
                      intermediate_activation=config.intermediate_activation, sparse=config.sparse,
-                     fan_in=config.fan_in, backend=config.backend)
-    network = model.build(**arguments).to(device)
+                     fan_in=config.fan_in, backend=config.backend, group_size=config.group_size, head=head)
+    network = model.build(**arguments)
+    if network.label_position is not None:  # HASTE's order of the labels in the classifier (model.label_order)
+        counts = torch.from_numpy(xmc.label_frequencies())
+        network.set_label_order(model.label_order(config.grouping, counts, grouping_clusters, head, config.seed))
+    network = network.to(device)
     if config.checkpoint_activations:  # the same gradients (dropout's random state is kept), one more forward pass
         transformer = network.encoder.transformer  # transformers 5 renamed the call; 4 has the older name only
         getattr(transformer, "activation_checkpointing_enable", transformer.gradient_checkpointing_enable)(
             {"use_reentrant": False})
     if config.sparse:
-        network.classifier.keep_slots_by_input = config.keep_slots_by_input
+        network.sparse_classifier.keep_slots_by_input = config.keep_slots_by_input
         # grad_accum > 1: the batches' weight gradients summed in place, the same bits in [L, k] less
         # memory (DDP must see autograd deliver each gradient, to average it)
-        network.classifier.grad_in_place = world == 1
+        network.sparse_classifier.grad_in_place = world == 1
         network.loss_in_runs = config.loss_in_runs
     if config.freeze_encoder:
         network.encoder.requires_grad_(False)
@@ -217,10 +222,10 @@ def train_step(config, state, batch, device, window, last):
             # the same new connections, and a resumed run the same as an uninterrupted one
             fraction, threshold = state.rewire_schedule.amount(state.batches_done)
             generator = torch.Generator(device).manual_seed(seed_of(config.seed, state.batches_done))
-            stats = dst.rewire(state.network.classifier, state.optimizers[1], fraction, threshold,
-                               scope=config.rewire_scope, row_cap=config.rewire_row_cap,
-                               reset_state=config.rewire_reset_state, generator=generator,
-                               previous_regrown=dst.unpacked(state.last_regrown, state.network.classifier.weight.shape))
+            layer = state.network.sparse_classifier
+            stats = dst.rewire(layer, state.optimizers[1], fraction, threshold, scope=config.rewire_scope,
+                               row_cap=config.rewire_row_cap, reset_state=config.rewire_reset_state, generator=generator,
+                               previous_regrown=dst.unpacked(state.last_regrown, layer.indices.shape))
             state.last_survival, rewired = stats["survived"], stats["rewired"]
             state.last_regrown = dst.packed(stats["regrown"])  # a bit a slot until the next rewire
     return s, losses, rewired
@@ -315,7 +320,7 @@ def load_data(config, out, rank, world):
     (xc_files.prepare). Under torchrun, rank 0 builds the caches first, then the others find them
     built, and all start training together."""
     started, source = time.time(), xc_files.locate(config.data, config.data_dir)
-    max_leaf = config.max_leaf if config.aux_weight > 0 else None
+    max_leaf = config.max_leaf if config.aux_weight > 0 or config.groups_by_clusters else None
     with processes.rank_zero_first(rank, world):
         xmc, clusters, tokens, seconds = xc_files.prepare(source, config.format, config.augment_labels,
                                                           (config.propensity_a, config.propensity_b), config.idf,
