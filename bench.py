@@ -4,16 +4,15 @@ For every (dtype, batch B, fan-in k) it times forward and backward separately fo
   sparse/cuda        - the kernels of kernels.cu as the layer runs them (GPU with cupy only): tiled
                        forward and grad-w, grad-x as a gather over the transposed connectivity,
   sparse/cuda-simple - the simple kernels of kernels.cu (the first, correct-first set),
-  sparse/torch       - the pure-PyTorch backend,
+  sparse/torch       - the pure-PyTorch backend (torch/gG: HASTE's groups of G labels, --group-size),
   dense              - nn.Linear(D, L), the baseline the paper's memory claim is measured against,
   dense-tf32         - the same with TF32 matrix products allowed (GPU, fp32 only),
   dense-pad8         - nn.Linear(D, L rounded up to a multiple of 8): an odd L such as 670,091 keeps
                        cuBLAS off its fastest 16-bit kernels, so this is the fair 16-bit baseline,
 and prints medians over several input sets, the layer's own bytes, and for the sparse layer the
 achieved DRAM bandwidth and the ratio of each pass to its floor: bytes = L*k*(s+4) + B*L*s per
-pass (s bytes a value, int32 indices). Each pass is timed alone (latency: the GPU waits for the
-host between calls), or with --throughput, many steps back to back. Every layer is first checked
-against its dense float64 equivalent (check_step): a fast but wrong layer posts no time.
+pass (s bytes a value, int32 indices). Each pass is timed alone, or with --throughput, many steps
+back to back. Every layer is first checked against its dense float64 equivalent (check_step).
 
     python bench.py                                # GPU: Amazon-670K shape; CPU: a 1-minute size
     python bench.py --labels 100000 --batch 128 --fan-in 32 --dtype float32
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 import dst
+import grouped
 import memory
 import model
 import sparse_layer
@@ -52,21 +52,19 @@ def parse_args():
                    choices=["float32", "float16", "bfloat16"])
     kinds = ["cuda", "cuda-simple", "torch", "dense", "dense-tf32", "dense-pad8"]
     p.add_argument("--layers", nargs="+", default=kinds, choices=kinds)
+    p.add_argument("--group-size", type=int, nargs="+", default=[1], help="HASTE's groups of G labels (torch/gG)")
     p.add_argument("--throughput", action="store_true", help="time steps back to back, not one call at a time")
     p.add_argument("--repeats", type=int, default=20 if gpu else 3, help="timed runs (median reported)")
     p.add_argument("--inputs", type=int, default=3, help="distinct random input sets cycled through")
     p.add_argument("--rewire", action="store_true", help="time dst.rewire (fraction 0.2, AdamW state) instead")
     p.add_argument("--step", action="store_true", help="time whole training steps (loss, backward, AdamW) instead")
-    p.add_argument("--loss", nargs="+", default=["lean", "plain", "none"], choices=["lean", "plain", "none"],
-                   help="--step: the loss after the layer (bench_step)")
-    p.add_argument("--layout", nargs="+", default=["contiguous", "transposed"], choices=["contiguous", "transposed"],
-                   help="--step: the sparse layer's output, contiguous [B, L] or a transposed view")
+    p.add_argument("--loss", nargs="+", default=["lean", "plain", "none"], choices=["lean", "plain", "none"])
+    p.add_argument("--layout", nargs="+", default=["contiguous", "transposed"], choices=["contiguous", "transposed"])
     p.add_argument("--profile", action="store_true", help="one warm-up and one timed step only, for a profiler")
     p.add_argument("--memory", action="store_true", help="a whole run's memory by phase, of the presets --data")
     p.add_argument("--data", nargs="+", default=["amazon670k"], help="--memory: paper presets (memory.py)")
     p.add_argument("--label-fraction", type=float, default=1.0, help="--memory: count at this and half of it")
-    p.add_argument("--bandwidth", type=float, help="GPU DRAM bandwidth in GB/s for the floor ratios "
-                   "(default: measured, a device-to-device copy counting bytes read and written)")
+    p.add_argument("--bandwidth", type=float, help="GPU DRAM GB/s for the floor ratios (default: copy_bandwidth)")
     return p.parse_args()
 
 
@@ -108,8 +106,10 @@ def make_layer(kind, labels, features, fan_in, dtype, device):
     with device:  # built where it runs: drawing 670k random index rows on the host takes seconds
         if kind.startswith("dense"):
             return nn.Linear(features, -(-labels // 8) * 8 if kind == "dense-pad8" else labels, dtype=dtype)
+        backend, _, group = kind.partition("/g")  # "torch/g16": groups of 16 labels sharing index rows
         # the layout the project's model runs (a transposed view); bench_step also times the other
-        return FixedFanInLinear(features, labels, fan_in, backend=kind, contiguous_output=False).to(dtype)
+        return FixedFanInLinear(features, labels, fan_in, backend=backend, contiguous_output=False,
+                                group_size=int(group or 1)).to(dtype)
 
 
 def layer_kinds(args, device, dtype):
@@ -118,6 +118,7 @@ def layer_kinds(args, device, dtype):
     kinds = [k for k in args.layers if (gpu_kernels or not k.startswith("cuda"))
              and (device.type == "cuda" or k not in ("dense-tf32", "dense-pad8"))
              and (dtype == torch.float32 or k != "dense-tf32")]
+    kinds += [f"torch/g{g}" for g in args.group_size if g > 1 and "torch" in kinds]
     return sorted(kinds, key=lambda k: not k.startswith("dense"))
 
 
@@ -145,10 +146,6 @@ def report_failure(kind):
         print(f"| sparse/{kind} | FAILED: {type(error).__name__}: {first_line} |", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what the failed layer held goes back before the next one
-
-
-def layer_bytes(layer):
-    return sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers()))
 
 
 def measure(layer, inputs, repeats, throughput=False):
@@ -261,7 +258,8 @@ def check_step(layer, x, rows, labels):
     layer.zero_grad(set_to_none=True)
     loss = model.squared_hinge(layer(x_), rows, labels)
     loss.backward()
-    grad_w = w64.grad.gather(1, layer.indices.long()) if isinstance(layer, FixedFanInLinear) else w64.grad
+    grad_w = w64.grad.gather(1, grouped.expand_to_labels(layer.indices.long(), layer.group_size, len(w64))
+                             ) if isinstance(layer, FixedFanInLinear) else w64.grad
     tolerance = 1e-4 if x.dtype == torch.float32 else 3e-2
     for name, got, want in (("loss", loss, expected), ("grad x", x_.grad, x64.grad),
                             ("grad weight", layer.weight.grad, grad_w), ("grad bias", layer.bias.grad, b64.grad)):
@@ -443,7 +441,8 @@ def time_layer(args, kind, fan_in, dtype, device, inputs):
     rows, labels = (t.to(device) for t in random_positives(len(inputs[0]), args.labels, 5, torch.Generator()))
     check_step(layer, inputs[0], rows, labels)
     with tf32(kind):
-        return (*measure(layer, inputs, args.repeats, args.throughput), layer_bytes(layer))
+        held = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+        return (*measure(layer, inputs, args.repeats, args.throughput), held)
 
 
 if __name__ == "__main__":

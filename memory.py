@@ -23,6 +23,7 @@ scratch, and memory the allocator caches (outside max_memory_allocated too).
 
     python bench.py --memory --data amazon670k                          # the full shape
     python bench.py --memory --data amazon3m --label-fraction 0.25      # counted at L/4 and L/8, extrapolated
+    python bench.py --memory --data amazon670k "amazon670k --group-size 32"  # a preset and flags (HASTE's groups)
 """
 import contextlib
 import dataclasses
@@ -43,6 +44,7 @@ import cuda_launch
 import data
 import dst
 import evaluate
+import grouped
 import model
 import sparse_layer
 import train
@@ -204,12 +206,12 @@ def batch_of(config, vocabulary, labels, size, generator):
 # The sizes of chunked temporaries by device type (a rewire's rows, the loss's labels, an index
 # draw's rows): a count on the CPU takes the GPU's, scaled with the labels when counting at a
 # fraction of them, so that those temporaries scale too.
-CHUNKED = (dst.ROW_CHUNK_ELEMENTS, model.LOSS_CHUNK_ELEMENTS, sparse_layer.CHUNK_ELEMENTS)
+CHUNKED = (dst.ROW_CHUNK_ELEMENTS, model.LOSS_CHUNK_ELEMENTS, sparse_layer.CHUNK_ELEMENTS, grouped.GATHER_ELEMENTS)
 
 
 def phases(preset, labels, device, folder, fraction=1.0):
     """{phase: peak bytes} of a run of `preset` at `labels` labels (see the module docstring)."""
-    config = configuration.parse_config(["--data", preset, "--out", str(folder / "run")])
+    config = configuration.parse_config(["--data", *preset.split(), "--out", str(folder / "run")])  # (+ flags)
     model_config = encoder_config(config.encoder)
     import transformers
     transformers.AutoModel.from_config(model_config).save_pretrained(folder / "encoder")
@@ -275,7 +277,18 @@ def phases(preset, labels, device, folder, fraction=1.0):
         phase("evaluation batch", lambda: evaluate.predict_top_k(state.network, evaluation, 5, device, state.autocast))
         saved = folder / "checkpoint.pt"
         phase("checkpoint save", lambda: torch.save(checkpoint.checkpoint_state(state, 1, config), saved))
-    return peaks
+    return {**peaks, **classifier_held(state)}
+
+
+def classifier_held(state):
+    """Bytes the classifier holds between steps, by kind: weights and biases, their optimizer state,
+    the indices, and the slots by input feature when kept (HASTE's groups keep none)."""
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    layer, sparse = state.network.classifier, state.network.sparse_classifier
+    held = [t for p in layer.parameters() for t in state.optimizers[1].state.get(p, {}).values() if torch.is_tensor(t)]
+    kept = [t for copy in getattr(sparse, "_transposed", {}).values() if copy for t in copy]
+    return {"classifier: weights, biases": size(layer.parameters()), "classifier: optimizer state": size(held),
+            "classifier: indices": size(layer.buffers()), "classifier: slots by input, kept": size(kept)}
 
 
 @contextlib.contextmanager
@@ -315,7 +328,7 @@ def classifier_step_peak(labels, fan_in, batch=128, features=768):
 def report(preset, device, label_fraction=1.0):
     """The phases of `preset` in GiB: at its L, or counted at label_fraction * L and half of it and
     extrapolated linearly in L (every label-proportional tensor is linear in L)."""
-    labels = LABELS[preset]
+    labels = LABELS[preset.split()[0]]
     with tempfile.TemporaryDirectory() as temporary:
         if label_fraction >= 1:
             return {name: peak / GiB for name, peak in phases(preset, labels, device, Path(temporary)).items()}

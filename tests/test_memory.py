@@ -103,11 +103,27 @@ def test_a_runs_phases_at_a_tiny_size_and_their_extrapolation_from_fewer_labels(
     monkeypatch.setitem(memory.LABELS, "wiki500k", 6000)
     peaks = memory.report("wiki500k", torch.device("cpu"))
     assert list(peaks) == ["held before training", "first step", "steady step", "rewire", "step with a rewire",
-                           "step after a rewire", "evaluation batch", "checkpoint save"]
+                           "step after a rewire", "evaluation batch", "checkpoint save", "classifier: weights, biases",
+                           "classifier: optimizer state", "classifier: indices", "classifier: slots by input, kept"]
     assert 0 < peaks["held before training"] < peaks["first step"] and peaks["step with a rewire"] >= peaks["rewire"]
     extrapolated = memory.report("wiki500k", torch.device("cpu"), label_fraction=0.5)
     for phase, peak in peaks.items():
         assert extrapolated[phase] == pytest.approx(peak, rel=0.01), phase
+
+
+def test_a_grouped_classifier_with_a_dense_head_holds_what_its_shapes_say(monkeypatch):
+    """`--memory --data "wiki500k --group-size 16 --dense-head 0.05"`: the classifier's tensors by
+    kind, against sizes written out (6,000 labels: a head of 304, a tail of 5,696 in 356 groups)."""
+    import transformers
+    monkeypatch.setattr(memory, "encoder_config", lambda name: transformers.BertConfig(
+        hidden_size=256, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    monkeypatch.setitem(memory.LABELS, "wiki500k", 6000)
+    peaks = memory.report("wiki500k --group-size 16 --dense-head 0.05", torch.device("cpu"))
+    parameters = (304 * 256 + 304 + 5696 * 128 + 5696) * 4
+    assert peaks["classifier: weights, biases"] * memory.GiB == parameters
+    assert peaks["classifier: optimizer state"] * memory.GiB == 2 * parameters + 4 * 4  # exp_avg, exp_avg_sq, 4 steps
+    assert peaks["classifier: indices"] * memory.GiB == 356 * 128 * 4
+    assert peaks["classifier: slots by input, kept"] == 0
 
 
 def test_recomputing_the_encoders_activations_trains_the_same_weights(tmp_path, monkeypatch):
