@@ -108,6 +108,8 @@ def plot_checkpoint(path, out):
         saved = load_checkpoint(path)
     except (ValueError, OSError) as error:  # missing, damaged, foreign: checkpoint.py's one line
         raise SystemExit(f"plot.py: {error}")
+    if "label_position" in saved["network"]:  # rows by group, labels in the classifier's own order
+        raise SystemExit(f"plot.py: {path} holds HASTE's classifier (--group-size, --dense-head): not drawn here")
     if "classifier.indices" not in saved["network"]:
         raise SystemExit(f"plot.py: {path} holds a dense classifier: no connectivity to show")
     weight, indices = saved["network"]["classifier.weight"].float(), saved["network"]["classifier.indices"].long()

@@ -262,6 +262,9 @@ def test_a_grouped_run_trains_rewires_and_evaluates_again_from_its_checkpoint(ti
     if changes.get("aux_weight") == 0:  # the clusters were loaded for the groups alone
         assert network.meta is None
     assert evaluate.evaluate(network, xmc, batches, "cpu") == pytest.approx(results)
+    import plot  # its diagnostics read one index row per label in the data's order: refused in one line
+    with pytest.raises(SystemExit, match="holds HASTE's classifier"):
+        plot.main(["--checkpoint", f"{config.out}/checkpoint.pt", "--out", f"{config.out}/dst.png"])
 
 
 @pytest.mark.parametrize("flags, message", [
