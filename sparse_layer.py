@@ -319,8 +319,8 @@ def fixed_fanin_linear(x, weight, indices, bias=None, backend="auto", check_indi
         raise ValueError(f"x must be a floating-point tensor [..., D], got {x.dtype} of shape {tuple(x.shape)}")
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a floating-point [L, k] tensor, got {weight.dtype} {tuple(weight.shape)}")
-    rows = (-(-weight.shape[0] // group_size), weight.shape[1])  # a row per group of labels (G = 1: per label)
-    if indices.shape != rows or indices.dtype not in (torch.int32, torch.int64):
+    rows = (-(-weight.shape[0] // max(1, group_size)), weight.shape[1])  # a row per group of labels (G = 1: per label)
+    if group_size < 1 or indices.shape != rows or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32/int64 of shape {rows} (weight {tuple(weight.shape)}, groups of "
                          f"{group_size}), got {indices.dtype} {tuple(indices.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:

@@ -12,7 +12,7 @@ def step_inputs(batch=6, labels=40, features=24):
     return x, *bench.random_positives(batch, labels, 3, generator)
 
 
-@pytest.mark.parametrize("kind", ["dense", "torch"])
+@pytest.mark.parametrize("kind", ["dense", "torch", "torch/g4"])
 def test_a_correct_layer_passes_the_step_check(kind):
     x, rows, labels = step_inputs()
     bench.check_step(bench.make_layer(kind, 40, 24, 5, torch.float32, torch.device("cpu")), x, rows, labels)
@@ -25,6 +25,16 @@ def test_a_wrong_layer_cannot_post_a_time(broken, monkeypatch):
     x, rows, labels = step_inputs()
     with pytest.raises(AssertionError):
         bench.check_step(bench.make_layer("torch", 40, 24, 5, torch.float32, torch.device("cpu")), x, rows, labels)
+
+
+@pytest.mark.parametrize("wrong", [0, 1, 3])  # grad-x, grad-w, grad-bias of HASTE's grouped layer
+def test_a_wrong_grouped_layer_cannot_post_a_time(wrong, monkeypatch):
+    original = bench.grouped.GroupedFanIn.backward
+    off = lambda ctx, grad_y: tuple(g * 1.01 if i == wrong else g for i, g in enumerate(original(ctx, grad_y)))
+    monkeypatch.setattr(bench.grouped.GroupedFanIn, "backward", staticmethod(off))
+    x, rows, labels = step_inputs()
+    with pytest.raises(AssertionError):
+        bench.check_step(bench.make_layer("torch/g4", 40, 24, 5, torch.float32, torch.device("cpu")), x, rows, labels)
 
 
 def test_a_failing_sparse_layer_is_one_line_and_dense_failures_stop_the_run(capsys):

@@ -82,6 +82,8 @@ def test_a_second_batchs_grouped_gradient_added_in_place_is_autograds_sum():
 def test_wrong_group_shapes_and_sizes_are_one_line_errors():
     with pytest.raises(ValueError, match=r"indices must be int32/int64 of shape \(3, 2\)"):
         fixed_fanin_linear(torch.randn(2, 5), torch.randn(9, 2), torch.zeros(9, 2, dtype=torch.int32), group_size=4)
+    with pytest.raises(ValueError, match=r"indices must be int32/int64 of shape \(9, 2\) .*groups of 0"):
+        fixed_fanin_linear(torch.randn(2, 5), torch.randn(9, 2), torch.zeros(9, 2, dtype=torch.int32), group_size=0)
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         FixedFanInLinear(5, 9, 2, group_size=0)
     with pytest.raises(ValueError, match="needs group_size 1"):
