@@ -17,8 +17,10 @@ import torch
 
 # Elements of a run's gathered inputs [groups, k, B]: on the CPU 1 MB, which stays in cache while the
 # products read it (a step at L = 100k, D = 768, k = 32, B = 128 on 2 cores, G = 16 and 32: 2^18
-# and 2^19 the fastest of 2^16 ... 2^21, 2^21 1.3-1.5x slower); a GPU takes runs of 256 MB, few launches.
-GATHER_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
+# and 2^19 the fastest of 2^16 ... 2^21, 2^21 1.3-1.5x slower). On a GPU 16M: a backward run holds
+# the gathered inputs, their gradient and its fp32 copy, 0.1 GiB in bf16 (2^26: a step 0.26 GiB more at
+# Amazon-670K: bench.py --memory), in ten runs at Amazon-670K (21k groups of 32, k = 128, B = 64).
+GATHER_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 def runs_of_groups(labels, group_size, fan_in, batch, device):
