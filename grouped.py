@@ -1,4 +1,4 @@
-"""Beyond the paper: HASTE's group-shared fan-in (Ullah et al., arXiv 2606.01117), the product.
+"""Beyond the paper: the group-shared fan-in of HASTE (the same group's next paper, arXiv 2606.01117).
 
 The labels g*G, ..., g*G + G - 1 form group g and all read the same k inputs, indices[g] of an
 [ceil(L / G), k] index matrix; each label keeps its own k weights, so weight stays [L, k]:
