@@ -277,15 +277,14 @@ def phases(preset, labels, device, folder, fraction=1.0):
         phase("evaluation batch", lambda: evaluate.predict_top_k(state.network, evaluation, 5, device, state.autocast))
         saved = folder / "checkpoint.pt"
         phase("checkpoint save", lambda: torch.save(checkpoint.checkpoint_state(state, 1, config), saved))
-    return {**peaks, **classifier_held(state)}
+    return {**peaks, **classifier_held(state.network.classifier, state.optimizers[1], state.network.sparse_classifier)}
 
 
-def classifier_held(state):
-    """Bytes the classifier holds between steps, by kind: weights and biases, their optimizer state,
-    the indices, and the slots by input feature when kept (HASTE's groups keep none)."""
+def classifier_held(layer, optimizer, sparse=None):
+    """Bytes a classifier holds between steps, by kind: weights and biases, their optimizer state,
+    the indices, and the slots by input feature its sparse part keeps (HASTE's groups keep none)."""
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
-    layer, sparse = state.network.classifier, state.network.sparse_classifier
-    held = [t for p in layer.parameters() for t in state.optimizers[1].state.get(p, {}).values() if torch.is_tensor(t)]
+    held = [t for p in layer.parameters() for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
     kept = [t for copy in getattr(sparse, "_transposed", {}).values() if copy for t in copy]
     return {"classifier: weights, biases": size(layer.parameters()), "classifier: optimizer state": size(held),
             "classifier: indices": size(layer.buffers()), "classifier: slots by input, kept": size(kept)}

@@ -282,11 +282,14 @@ def test_group_flags_are_checked_in_one_line(flags, message):
 
 
 def test_what_the_classifier_holds_by_kind_is_its_shapes(monkeypatch):
-    """tools/classifier_bytes.py on the meta device: parameters, AdamW's two moments, indices, by hand."""
+    """tools/classifier_bytes.py on the meta device: parameters, AdamW's two moments (and a step count
+    a parameter), indices, by hand."""
     import classifier_bytes
     with torch.device("meta"):
-        for layer, parameters, rows in [(FixedFanInLinear(64, 1000, 8), 1000 * 9, 1000),
-                                        (FixedFanInLinear(64, 1000, 8, group_size=4), 1000 * 9, 250),
-                                        (model.HeadAndTail(64, 1000, 100, 8, 4, "torch"), 100 * 65 + 900 * 9, 225)]:
+        for layer, parameters, tensors, rows in [(FixedFanInLinear(64, 1000, 8), 1000 * 9, 2, 1000),
+                                                 (FixedFanInLinear(64, 1000, 8, group_size=4), 1000 * 9, 2, 250),
+                                                 (model.HeadAndTail(64, 1000, 100, 8, 4, "torch"), 100 * 65 + 900 * 9,
+                                                  4, 225)]:
             held = classifier_bytes.held(layer)
-            assert [round(value * 2**30) for value in held] == [4 * parameters, 8 * parameters, 4 * rows * 8]
+            assert [round(value * 2**30) for value in held] == [4 * parameters, 8 * parameters + 4 * tensors,
+                                                                4 * rows * 8]

@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import memory  # noqa: E402
 import model  # noqa: E402
 from sparse_layer import FixedFanInLinear  # noqa: E402
 
 
 def held(layer):
-    """GiB of the layer's parameters, of AdamW's per-weight state after a step, and of its buffers."""
+    """GiB of the layer's weights and biases, of AdamW's state after a step, and of its indices."""
     optimizer = torch.optim.AdamW(layer.parameters(), foreach=False)
     for p in layer.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2**30
-    state = [t for p in layer.parameters() for t in optimizer.state[p].values() if torch.is_tensor(t) and t.dim()]
-    return size(layer.parameters()), size(state), size(layer.buffers())
+    kinds = memory.classifier_held(layer, optimizer)  # what bench.py --memory reports of a run's classifier
+    return [kinds[f"classifier: {kind}"] / 2**30 for kind in ("weights, biases", "optimizer state", "indices")]
 
 
 def main(argv=None):
